@@ -1,0 +1,124 @@
+"""Validated parameter sets for sampling and for Exploratory Sampling.
+
+Every check runs in ``__post_init__`` so a bad value fails before any model work
+starts, with a message that names the value and the allowed range.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any
+
+MAX_TOP_LOGPROBS = 20
+
+
+def _check_range(
+    name: str,
+    value: float,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+    allowed: str,
+) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise ValueError(f"{name}={value!r} is not a number; allowed: {allowed}")
+    bad_low = low is not None and (value <= low if low_open else value < low)
+    bad_high = high is not None and (value >= high if high_open else value > high)
+    if bad_low or bad_high:
+        raise ValueError(f"{name}={value!r} is out of range; allowed: {allowed}")
+
+
+def _check_int(name: str, value: int, low: int, high: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name}={value!r} must be an integer >= {low}")
+    if value < low or (high is not None and value > high):
+        allowed = f"{low} <= {name}" + (f" <= {high}" if high is not None else "")
+        raise ValueError(f"{name}={value!r} is out of range; allowed: {allowed}")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How each candidate is sampled (HF ``generate`` semantics for the filters).
+
+    Filters apply in HF's order: temperature, top-k, top-p, min-p. ``top_k=0``,
+    ``top_p=1`` and ``min_p=0`` switch a filter off. ``temperature=0`` is greedy.
+    """
+
+    n: int = 1
+    max_new_tokens: int = 256
+    temperature: float = 0.7
+    top_k: int = 50
+    top_p: float = 1.0
+    min_p: float = 0.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    top_logprobs: int = 0
+
+    def __post_init__(self) -> None:
+        _check_int("n", self.n, 1)
+        _check_int("max_new_tokens", self.max_new_tokens, 1)
+        _check_range("temperature", self.temperature, 0.0, allowed="temperature >= 0 (0 = greedy)")
+        if math.isinf(self.temperature):
+            raise ValueError(f"temperature={self.temperature!r} is out of range; allowed: a finite value >= 0")
+        _check_int("top_k", self.top_k, 0)
+        _check_range("top_p", self.top_p, 0.0, 1.0, low_open=True, allowed="0 < top_p <= 1")
+        _check_range("min_p", self.min_p, 0.0, 1.0, high_open=True, allowed="0 <= min_p < 1")
+        _check_int("top_logprobs", self.top_logprobs, 0, MAX_TOP_LOGPROBS)
+        if self.seed is not None:
+            _check_int("seed", self.seed, 0, 2**63 - 1)
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        for s in stop:
+            if not isinstance(s, str) or not s:
+                raise ValueError(f"stop={self.stop!r}: every stop sequence must be a non-empty string")
+        object.__setattr__(self, "stop", stop)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class ESampParams:
+    """Exploratory Sampling settings (defaults = the paper's recipe).
+
+    ``beta=0`` switches ESamp off: the engine then runs plain sampling and never
+    builds a Distiller. ``warm_start_steps > 0`` first fits each prompt's Distiller
+    on the prompt's own prefill states (a deviation from the paper, off by default).
+    """
+
+    beta: float = 0.25
+    distiller_width: int = 384
+    lr: float = 4e-4
+    adam_eps: float = 1e-4
+    grad_clip: float = 0.5
+    warm_start_steps: int = 0
+    warm_start_lr: float = 2e-3
+
+    def __post_init__(self) -> None:
+        _check_range("beta", self.beta, 0.0, 100.0, allowed="0 <= beta <= 100 (0 = plain sampling)")
+        _check_int("distiller_width", self.distiller_width, 1, 65536)
+        _check_range("lr", self.lr, 0.0, 1.0, low_open=True, allowed="0 < lr <= 1")
+        _check_range("adam_eps", self.adam_eps, 0.0, 1.0, low_open=True, allowed="0 < adam_eps <= 1")
+        _check_range("grad_clip", self.grad_clip, 0.0, None, low_open=True, allowed="grad_clip > 0")
+        _check_int("warm_start_steps", self.warm_start_steps, 0, 10000)
+        _check_range("warm_start_lr", self.warm_start_lr, 0.0, 1.0, low_open=True, allowed="0 < warm_start_lr <= 1")
+
+    @property
+    def enabled(self) -> bool:
+        return self.beta > 0.0
+
+
+def split_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Split flat keyword arguments into (sampling, esamp, rest)."""
+    s_names = {f.name for f in fields(SamplingParams)}
+    e_names = {f.name for f in fields(ESampParams)}
+    sampling = {k: v for k, v in kwargs.items() if k in s_names}
+    esamp = {k: v for k, v in kwargs.items() if k in e_names}
+    rest = {k: v for k, v in kwargs.items() if k not in s_names and k not in e_names}
+    return sampling, esamp, rest
+
+
+__all__ = ["MAX_TOP_LOGPROBS", "ESampParams", "SamplingParams", "split_kwargs"]

@@ -1,0 +1,26 @@
+"""Shared fixtures: the embedded model is loaded once per test session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def embedded():
+    """The embedded SmolLM2-135M-Instruct as a shared LoadedModel."""
+    from esamp_agents.loading import load_model
+
+    return load_model("embedded", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def engine(embedded):
+    from esamp_agents.engine import ESampEngine
+
+    return ESampEngine(embedded)
