@@ -39,9 +39,7 @@ def embedded_model_file() -> Path:
                 return Path(str(f.locate()))
     except importlib.metadata.PackageNotFoundError:
         pass
-    raise ModelLoadError(
-        f"the embedded model ({EMBEDDED_FILE}) is not installed; install it with: {EMBEDDED_INSTALL}"
-    )
+    raise ModelLoadError(f"the embedded model ({EMBEDDED_FILE}) is not installed; install it with: {EMBEDDED_INSTALL}")
 
 
 def default_device() -> str:
@@ -114,9 +112,7 @@ class LoadedModel:
     def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
         """Chat messages -> prompt text ending where the assistant's turn begins."""
         if getattr(self.tokenizer, "chat_template", None):
-            return str(
-                self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            )
+            return str(self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
         # Base models without a template (e.g. GPT-2): a plain transcript.
         lines = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
         return "\n".join(lines) + "\nAssistant:"

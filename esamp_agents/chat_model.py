@@ -1,0 +1,250 @@
+"""``ChatESamp``: the ESamp sampler as a LangChain chat model (N candidate replies per call)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any
+
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.language_models import BaseChatModel, LangSmithParams
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, ChatMessage
+from langchain_core.messages.ai import UsageMetadata
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.runnables.config import run_in_executor
+
+from esamp_agents.langchain_common import (
+    CallConfig,
+    ESampLangChainMixin,
+    TokenRenderer,
+    candidate_info,
+    combine_usage,
+    iterate_in_thread,
+    prompt_usage,
+)
+from esamp_agents.loading import EMBEDDED, LoadedModel, load_model
+from esamp_agents.results import Candidate
+
+_ROLES = {"human": "user", "ai": "assistant", "system": "system", "tool": "tool", "function": "tool"}
+_SKIPPED_BLOCKS = frozenset({"reasoning", "thinking", "tool_call", "tool_use", "tool_call_chunk"})
+_HAS_CHUNK_POSITION = "chunk_position" in AIMessageChunk.model_fields
+
+
+def message_to_dict(message: BaseMessage) -> dict[str, str]:
+    """A LangChain message -> ``{"role", "content"}`` for the tokenizer's chat template.
+
+    Only text reaches a text model: reasoning and tool-call blocks are dropped, any other
+    non-text block (images, audio...) is refused rather than silently ignored.
+    """
+    if isinstance(message, ChatMessage):
+        role = "system" if message.role == "developer" else message.role
+    else:
+        role = _ROLES.get(message.type, "")
+        if not role:
+            raise ValueError(f"message type {message.type!r} is not supported; allowed: {', '.join(sorted(_ROLES))}")
+    content = message.content
+    if isinstance(content, str):
+        return {"role": role, "content": content}
+    parts: list[str] = []
+    for block in content:
+        if isinstance(block, str):
+            parts.append(block)
+            continue
+        kind = block.get("type")
+        if kind == "text":
+            parts.append(str(block.get("text", "")))
+        elif kind not in _SKIPPED_BLOCKS:
+            raise ValueError(f"content block type {kind!r} is not supported by a text-only model; allowed: text")
+    return {"role": role, "content": "".join(parts)}
+
+
+def _usage_metadata(usage: dict[str, int]) -> UsageMetadata:
+    return UsageMetadata(
+        input_tokens=usage["prompt_tokens"],
+        output_tokens=usage["completion_tokens"],
+        total_tokens=usage["total_tokens"],
+    )
+
+
+class ChatESamp(ESampLangChainMixin, BaseChatModel):
+    """Exploratory Sampling as a LangChain chat model: ``n`` diverse replies per call.
+
+    Messages are rendered with the model's own chat template. Weights load lazily on
+    first use through the shared registry (many instances share one copy and one lock,
+    so concurrent and async calls are safe). ``invoke`` returns the first reply only, as
+    for every LangChain chat model; ``generate`` returns all ``n``. Each reply's
+    ``response_metadata`` has the finish reason, token counts, mean logprob, ESamp
+    novelty, ``model_name`` and, when ``logprobs``/``top_logprobs`` is set, logprobs in
+    OpenAI's ``{"content": [...]}`` shape. ``usage_metadata`` counts the whole request
+    (prompt once, output of all ``n`` replies), as ChatOpenAI does. ``llm_output`` carries
+    token usage and the Distiller's loss curve.
+
+    Caching is off by default (``cache=False``): a cache keyed on messages and parameters
+    would replay the very same N samples, defeating diverse sampling. Pass ``cache=True``
+    (or a cache object) to opt in.
+
+    Tool calling and structured output are not supported (``bind_tools`` raises
+    ``NotImplementedError``): a 135M model does not produce reliable tool calls.
+
+    Example:
+        .. code-block:: python
+
+            from langchain_core.messages import HumanMessage
+
+            from esamp_agents.chat_model import ChatESamp
+
+            chat = ChatESamp(model="embedded", n=3, max_tokens=24, seed=0)
+            result = chat.generate([[HumanMessage("Name a colour.")]])
+            replies = [g.text for g in result.generations[0]]  # 3 replies
+            first = chat.invoke("Name a colour.")  # an AIMessage, the first reply
+            for chunk in chat.stream("Name a colour.", n=1):
+                print(chunk.content, end="")
+    """
+
+    @classmethod
+    def from_model(
+        cls, model: str | LoadedModel | Any = EMBEDDED, *, tokenizer: Any | None = None, **kwargs: Any
+    ) -> ChatESamp:
+        """Load ``model`` now (name, path, LoadedModel, or HF model + ``tokenizer``)."""
+        loaded = load_model(model, tokenizer=tokenizer, device=kwargs.get("device"), dtype=kwargs.get("dtype", "auto"))
+        if isinstance(model, str):
+            kwargs.setdefault("model", model)
+        return cls(loaded_model=loaded, **kwargs)
+
+    @classmethod
+    def from_model_id(cls, model_id: str = EMBEDDED, **kwargs: Any) -> ChatESamp:
+        """Load the model named ``model_id`` now rather than on first use."""
+        return cls.from_model(model_id, **kwargs)
+
+    @property
+    def _llm_type(self) -> str:
+        return "esamp-chat"
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        return self._ls_params("chat", stop, kwargs)
+
+    def _combine_llm_outputs(self, llm_outputs: list[dict[str, Any] | None], /) -> dict[str, Any]:
+        return combine_usage(llm_outputs)
+
+    def render_prompt(self, messages: Sequence[BaseMessage], model_name: str | None = None) -> str:
+        """The exact prompt text the model sees for ``messages`` (chat template applied)."""
+        if not messages:
+            raise ValueError("messages=[] is empty; allowed: at least one message")
+        loaded = self._resolve_model(model_name or self.model_name)
+        return loaded.apply_chat_template([message_to_dict(m) for m in messages])
+
+    def get_num_tokens_from_messages(self, messages: list[BaseMessage], tools: Sequence[Any] | None = None) -> int:
+        """Prompt tokens of ``messages`` once the chat template is applied."""
+        if tools:
+            raise NotImplementedError("ChatESamp does not support tools")
+        loaded = self._resolve_model(self.model_name)
+        return len(loaded.tokenizer.encode(self.render_prompt(messages), add_special_tokens=False))
+
+    # -- generation ------------------------------------------------------------------------
+
+    def _info(self, candidate: Candidate, call: CallConfig, loaded: LoadedModel) -> dict[str, Any]:
+        renderer = TokenRenderer(loaded.tokenizer) if call.logprobs else None
+        return candidate_info(
+            candidate,
+            model_name=call.model_name,
+            logprobs=call.logprobs,
+            renderer=renderer,
+            eos_ids=loaded.eos_token_ids,
+        )
+
+    def _generate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        call = self._resolve_call(stop, kwargs)
+        loaded = self._resolve_model(call.model_name)
+        prompt = self.render_prompt(messages, call.model_name)
+        result = self._engine(loaded).generate([prompt], call.sampling, call.esamp, add_special_tokens=False)
+        prompt_result = result[0]
+        usage = prompt_usage(prompt_result)
+        generations = [
+            ChatGeneration(
+                message=AIMessage(content=c.text, usage_metadata=_usage_metadata(usage)),
+                generation_info=self._info(c, call, loaded),
+            )
+            for c in prompt_result.candidates
+        ]
+        llm_output = {
+            "token_usage": usage,
+            "model_name": call.model_name,
+            "distiller_loss": [list(prompt_result.distiller_loss)],
+        }
+        return ChatResult(generations=generations, llm_output=llm_output)
+
+    async def _agenerate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        # Validate on the event loop (cheap, fails fast); load and decode in a worker thread.
+        self._resolve_call(stop, kwargs)
+        sync_manager = run_manager.get_sync() if run_manager else None
+        return await run_in_executor(None, self._generate, messages, stop, sync_manager, **kwargs)
+
+    # -- streaming -------------------------------------------------------------------------
+
+    def _stream_call(self, stop: list[str] | None, kwargs: dict[str, Any]) -> CallConfig:
+        call = self._resolve_call(stop, kwargs)
+        if call.sampling.n != 1:
+            raise ValueError(f"n={call.sampling.n} cannot be streamed; allowed: n=1 (use generate() for N replies)")
+        return call
+
+    def _chunks(self, messages: list[BaseMessage], call: CallConfig) -> Iterator[ChatGenerationChunk]:
+        loaded = self._resolve_model(call.model_name)
+        prompt = self.render_prompt(messages, call.model_name)
+        for event in self._engine(loaded).stream(prompt, call.sampling, call.esamp, add_special_tokens=False):
+            if event.candidate is None:
+                if event.text:
+                    yield ChatGenerationChunk(message=AIMessageChunk(content=event.text))
+                continue
+            candidate = event.candidate
+            usage = _usage_metadata(
+                {
+                    "prompt_tokens": candidate.prompt_tokens,
+                    "completion_tokens": candidate.completion_tokens,
+                    "total_tokens": candidate.prompt_tokens + candidate.completion_tokens,
+                }
+            )
+            extra: dict[str, Any] = {"chunk_position": "last"} if _HAS_CHUNK_POSITION else {}
+            yield ChatGenerationChunk(
+                message=AIMessageChunk(content=event.text, usage_metadata=usage, **extra),
+                generation_info=self._info(candidate, call, loaded),
+            )
+
+    def _stream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[ChatGenerationChunk]:
+        call = self._stream_call(stop, kwargs)
+        for chunk in self._chunks(messages, call):
+            if run_manager:
+                run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+            yield chunk
+
+    async def _astream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[ChatGenerationChunk]:
+        call = self._stream_call(stop, kwargs)
+        async for chunk in iterate_in_thread(lambda: self._chunks(messages, call)):
+            if run_manager:
+                await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+            yield chunk
+
+
+__all__ = ["ChatESamp", "message_to_dict"]

@@ -1,0 +1,232 @@
+"""The demo: sample N ESamp candidates per arithmetic question in one engine call, then choose.
+
+Questions are seeded single-digit sums and products, small enough for the embedded
+135M model to get right some of the time, so a chooser has something to choose
+between. The chooser is pluggable (majority vote today; the hidden-state reward
+head plugs in the same way).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TextIO
+
+from esamp_agents.loading import EMBEDDED
+from esamp_agents.params import ESampParams, SamplingParams
+from esamp_agents.results import Candidate
+
+SUFFIX = "Think step by step, then write the final answer as 'Answer: <number>'."
+MAX_QUESTIONS = 50
+
+# A chooser sees one question's candidates and their extracted answers (same order)
+# and returns the chosen answer, or None when it cannot choose.
+Chooser = Callable[[Sequence[Candidate], Sequence[int | None]], int | None]
+
+_ANSWER_RE = re.compile(r"answer\s*[:=]?\s*\**\s*\$?\s*(-?\d+(?:\.\d+)?)", re.IGNORECASE)
+_NUMBER_RE = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+@dataclass(frozen=True)
+class Question:
+    text: str
+    answer: int
+
+    @property
+    def prompt(self) -> str:
+        return f"{self.text} {SUFFIX}"
+
+
+def make_questions(count: int, seed: int = 0) -> list[Question]:
+    """``count`` seeded questions 'What is a + b?' / 'What is a * b?' with single-digit a, b."""
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_QUESTIONS:
+        raise ValueError(f"questions={count!r} is out of range; allowed: 1 <= questions <= {MAX_QUESTIONS}")
+    rng = random.Random(seed)
+    out = []
+    for _ in range(count):
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
+        if rng.random() < 0.5:
+            out.append(Question(f"What is {a} + {b}?", a + b))
+        else:
+            out.append(Question(f"What is {a} * {b}?", a * b))
+    return out
+
+
+def _to_int(s: str) -> int | None:
+    value = float(s)
+    return int(value) if value.is_integer() else None
+
+
+def extract_answer(text: str) -> int | None:
+    """The number after the last 'Answer:', else the last number in the text, else None."""
+    tagged = _ANSWER_RE.findall(text)
+    if tagged:
+        return _to_int(tagged[-1])
+    numbers = _NUMBER_RE.findall(text)
+    return _to_int(numbers[-1]) if numbers else None
+
+
+def majority_vote(candidates: Sequence[Candidate], answers: Sequence[int | None]) -> int | None:
+    """The most frequent answer; ties go to the answer whose best candidate has the higher mean logprob."""
+    counts = Counter(a for a in answers if a is not None)
+    if not counts:
+        return None
+
+    def best_logprob(answer: int) -> float:
+        lps = [c.mean_logprob for c, a in zip(candidates, answers, strict=True) if a == answer]
+        finite = [lp for lp in lps if math.isfinite(lp)]
+        return max(finite) if finite else -math.inf
+
+    return max(counts, key=lambda a: (counts[a], best_logprob(a)))
+
+
+def max_logprob(candidates: Sequence[Candidate], answers: Sequence[int | None]) -> int | None:
+    """The answer of the candidate with the highest mean token logprob (a weak baseline)."""
+    scored = [
+        (c.mean_logprob, a)
+        for c, a in zip(candidates, answers, strict=True)
+        if a is not None and math.isfinite(c.mean_logprob)
+    ]
+    return max(scored, key=lambda t: t[0])[1] if scored else None
+
+
+CHOOSERS: dict[str, Chooser] = {"majority": majority_vote, "logprob": max_logprob}
+
+
+@dataclass
+class QuestionReport:
+    question: Question
+    candidates: list[Candidate]
+    answers: list[int | None]
+    chosen: int | None
+
+    @property
+    def correct(self) -> bool:
+        return self.chosen == self.question.answer
+
+    @property
+    def any_correct(self) -> bool:
+        return self.question.answer in self.answers
+
+
+@dataclass
+class DemoReport:
+    rows: list[QuestionReport]
+    load_seconds: float
+    generate_seconds: float
+    generated_tokens: int
+
+    @property
+    def accuracy(self) -> float:
+        return sum(r.correct for r in self.rows) / len(self.rows)
+
+    @property
+    def pass_at_n(self) -> float:
+        return sum(r.any_correct for r in self.rows) / len(self.rows)
+
+    @property
+    def per_sample_accuracy(self) -> float:
+        answers = [a == r.question.answer for r in self.rows for a in r.answers]
+        return sum(answers) / len(answers)
+
+
+def _short(text: str, width: int = 60) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 3] + "..."
+
+
+def print_report(report: DemoReport, out: TextIO, *, chooser_name: str = "majority") -> None:
+    for qi, row in enumerate(report.rows, start=1):
+        q = row.question
+        print(f"Q{qi}. {q.text}  (expected {q.answer})", file=out)
+        print(f"  {'#':>2}  {'answer':>6}  {'mean lp':>7}  text", file=out)
+        for c, a in zip(row.candidates, row.answers, strict=True):
+            lp = f"{c.mean_logprob:7.3f}" if math.isfinite(c.mean_logprob) else f"{'n/a':>7}"
+            mark = "*" if a is not None and a == q.answer else " "
+            print(f"  {c.index:>2}  {'-' if a is None else a:>6}{mark} {lp}  {_short(c.text)}", file=out)
+        verdict = "correct" if row.correct else "wrong"
+        chosen = "none" if row.chosen is None else row.chosen
+        print(f"  chosen ({chooser_name}): {chosen}  -> {verdict}\n", file=out)
+    k = len(report.rows)
+    n = len(report.rows[0].candidates) if report.rows else 0
+    rate = report.generated_tokens / report.generate_seconds if report.generate_seconds > 0 else float("nan")
+    print(f"accuracy ({chooser_name}): {sum(r.correct for r in report.rows)}/{k} = {report.accuracy:.0%}", file=out)
+    print(f"pass@{n} (any candidate right): {report.pass_at_n:.0%}", file=out)
+    print(f"per-sample accuracy: {report.per_sample_accuracy:.0%}  (* marks a right candidate)", file=out)
+    print(
+        f"time: model load {report.load_seconds:.1f} s, generation {report.generate_seconds:.1f} s "
+        f"({report.generated_tokens} tokens, {rate:.1f} tok/s)",
+        file=out,
+    )
+
+
+def run_demo(
+    *,
+    model: str = EMBEDDED,
+    questions: int = 4,
+    n: int = 8,
+    beta: float = 0.25,
+    temperature: float = 0.7,
+    max_new_tokens: int = 64,
+    seed: int = 0,
+    chooser: Chooser = majority_vote,
+    device: str | None = None,
+    dtype: str = "auto",
+    out: TextIO | None = None,
+) -> DemoReport:
+    """Run the demo and print its table to ``out`` (stdout by default); returns the report."""
+    out = out if out is not None else sys.stdout
+    # Validate everything before the model loads.
+    qs = make_questions(questions, seed)
+    sampling = SamplingParams(n=n, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    esamp = ESampParams(beta=beta)
+    chooser_name = next((k for k, v in CHOOSERS.items() if v is chooser), getattr(chooser, "__name__", "custom"))
+
+    from esamp_agents.engine import ESampEngine
+    from esamp_agents.loading import load_model
+
+    print(f"loading model {model!r} ...", file=out, flush=True)
+    t0 = time.perf_counter()
+    loaded = load_model(model, device=device, dtype=dtype)
+    load_seconds = time.perf_counter() - t0
+    engine = ESampEngine(loaded)
+    prompts = [loaded.apply_chat_template([{"role": "user", "content": q.prompt}]) for q in qs]
+    print(
+        f"sampling {n} candidates for each of {len(qs)} questions (beta={beta}, T={temperature}, "
+        f"max {max_new_tokens} tokens) in one engine call ...\n",
+        file=out,
+        flush=True,
+    )
+    t1 = time.perf_counter()
+    result = engine.generate(prompts, sampling, esamp, add_special_tokens=False)
+    generate_seconds = time.perf_counter() - t1
+
+    rows = []
+    for q, pr in zip(qs, result.results, strict=True):
+        answers = [extract_answer(c.text) for c in pr.candidates]
+        rows.append(QuestionReport(q, pr.candidates, answers, chooser(pr.candidates, answers)))
+    report = DemoReport(rows, load_seconds, generate_seconds, result.stats.generated_tokens)
+    print_report(report, out, chooser_name=chooser_name)
+    return report
+
+
+__all__ = [
+    "CHOOSERS",
+    "SUFFIX",
+    "Chooser",
+    "DemoReport",
+    "Question",
+    "QuestionReport",
+    "extract_answer",
+    "majority_vote",
+    "make_questions",
+    "max_logprob",
+    "print_report",
+    "run_demo",
+]

@@ -1,0 +1,483 @@
+"""What ``ESampLLM`` and ``ChatESamp`` share: fields, per-call parameter resolution,
+lazy model access, OpenAI-shaped metadata and a thread bridge for async streaming.
+
+Kept in one place so the two LangChain classes cannot drift apart in how they read
+parameters or report candidates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import math
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from langchain_core.caches import BaseCache
+from langchain_core.language_models import LangSmithParams
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from esamp_agents.loading import EMBEDDED, LoadedModel, load_model
+from esamp_agents.params import ESampParams, SamplingParams
+from esamp_agents.results import Candidate, GenerationResult, PromptResult
+
+_SAMPLING_DEFAULTS = SamplingParams()
+_ESAMP_DEFAULTS = ESampParams()
+DEFAULT_MAX_TOKENS = 256
+ALLOWED_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+# Remote-API options that LangChain code (and the standard tests) pass to every chat
+# model. A local model has no use for them; accepting them keeps drop-in swaps working.
+IGNORED_KWARGS = frozenset(
+    {
+        "timeout",
+        "request_timeout",
+        "max_retries",
+        "api_key",
+        "base_url",
+        "api_base",
+        "organization",
+        "default_headers",
+        "default_query",
+        "http_client",
+        "http_async_client",
+    }
+)
+# Keys LangChain itself may leave in the per-call kwargs; they never reach the engine.
+_INTERNAL_CALL_KWARGS = frozenset({"stream", "ls_structured_output_format", "structured_output_format"})
+
+# Per-call keyword -> field name (aliases included).
+_CALL_KEYS: dict[str, str] = {
+    "model": "model_name",
+    "model_name": "model_name",
+    "n": "n",
+    "temperature": "temperature",
+    "top_k": "top_k",
+    "top_p": "top_p",
+    "min_p": "min_p",
+    "max_tokens": "max_tokens",
+    "max_new_tokens": "max_tokens",
+    "stop": "stop",
+    "seed": "seed",
+    "logprobs": "logprobs",
+    "top_logprobs": "top_logprobs",
+    "beta": "beta",
+    "distiller_width": "distiller_width",
+    "distiller_lr": "distiller_lr",
+    "lr": "distiller_lr",
+    "adam_eps": "adam_eps",
+    "grad_clip": "grad_clip",
+    "warm_start_steps": "warm_start_steps",
+    "warm_start_lr": "warm_start_lr",
+}
+
+
+@dataclass(frozen=True)
+class CallConfig:
+    """Everything one call needs, validated before any model work."""
+
+    model_name: str
+    sampling: SamplingParams
+    esamp: ESampParams
+    logprobs: bool
+
+
+def _as_stop_tuple(stop: Any) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        return (stop,)
+    return tuple(stop)
+
+
+class ESampLangChainMixin(BaseModel):
+    """Fields and helpers shared by ``ESampLLM`` and ``ChatESamp``.
+
+    Subclasses must list this mixin before the LangChain base class so that its field
+    defaults (notably ``cache=False``) win.
+    """
+
+    model_config = ConfigDict(populate_by_name=True, arbitrary_types_allowed=True, protected_namespaces=())
+
+    model_name: str = Field(default=EMBEDDED, alias="model")
+    """``"embedded"`` (the bundled SmolLM2-135M-Instruct), an HF model id or a local path."""
+    loaded_model: Any = Field(default=None, exclude=True, repr=False)
+    """An already-loaded :class:`LoadedModel` (skips loading; never serialised)."""
+    device: str | None = None
+    """Device for lazy loading (default: cuda if available, else cpu)."""
+    dtype: str = "auto"
+    """Weights dtype for lazy loading: 'auto', 'float32', 'bfloat16' or 'float16'."""
+
+    n: int = 1
+    """Candidates per prompt (all returned by ``generate``; ``invoke`` returns the first)."""
+    temperature: float = _SAMPLING_DEFAULTS.temperature
+    top_k: int = _SAMPLING_DEFAULTS.top_k
+    top_p: float = _SAMPLING_DEFAULTS.top_p
+    min_p: float = _SAMPLING_DEFAULTS.min_p
+    max_tokens: int = Field(
+        default=DEFAULT_MAX_TOKENS, validation_alias=AliasChoices("max_tokens", "max_new_tokens")
+    )
+    """Maximum new tokens per candidate (also accepted as ``max_new_tokens``)."""
+    stop: list[str] | None = None
+    seed: int | None = None
+    logprobs: bool = False
+    """Return per-token logprobs (OpenAI shape) in each candidate's metadata."""
+    top_logprobs: int = 0
+    """Alternatives per token in the logprobs (implies ``logprobs=True`` when > 0)."""
+
+    beta: float = _ESAMP_DEFAULTS.beta
+    """Exploration strength; 0 switches ESamp off (plain sampling)."""
+    distiller_width: int = _ESAMP_DEFAULTS.distiller_width
+    distiller_lr: float = Field(default=_ESAMP_DEFAULTS.lr, validation_alias=AliasChoices("distiller_lr", "lr"))
+    adam_eps: float = _ESAMP_DEFAULTS.adam_eps
+    grad_clip: float = _ESAMP_DEFAULTS.grad_clip
+    warm_start_steps: int = _ESAMP_DEFAULTS.warm_start_steps
+    warm_start_lr: float = _ESAMP_DEFAULTS.warm_start_lr
+
+    streaming: bool = False
+    """Stream tokens to callbacks during ``invoke`` (requires ``n=1`` for the chat model)."""
+    cache: BaseCache | bool | None = Field(default=False, exclude=True)
+    """Off by default: a cache would replay the same N 'diverse' samples for a repeated prompt."""
+
+    # -- construction-time validation ------------------------------------------------
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reject_unknown_kwargs(cls, data: Any) -> Any:
+        """Typos must fail loudly; remote-API options (timeout, api_key...) are dropped."""
+        if not isinstance(data, dict):
+            return data
+        known: set[str] = set()
+        for name, info in cls.model_fields.items():
+            known.add(name)
+            if info.alias:
+                known.add(info.alias)
+            if isinstance(info.validation_alias, AliasChoices):
+                known.update(c for c in info.validation_alias.choices if isinstance(c, str))
+            elif isinstance(info.validation_alias, str):
+                known.add(info.validation_alias)
+        unknown = sorted(k for k in data if k not in known and k not in IGNORED_KWARGS)
+        if unknown:
+            allowed = ", ".join(sorted(k for k in known if not k.startswith("_")))
+            raise ValueError(f"unknown parameter(s) {unknown} for {cls.__name__}; allowed: {allowed}")
+        return {k: v for k, v in data.items() if k not in IGNORED_KWARGS}
+
+    @field_validator("loaded_model")
+    @classmethod
+    def _check_loaded_model(cls, value: Any) -> Any:
+        if value is not None and not isinstance(value, LoadedModel):
+            raise ValueError(
+                f"loaded_model={type(value).__name__} is not a LoadedModel; use load_model(...) "
+                "or the from_model(model, tokenizer=...) constructor"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _validate_params(self) -> ESampLangChainMixin:
+        """Build the engine's parameter objects once so bad values fail at construction."""
+        if self.dtype not in ALLOWED_DTYPES:
+            raise ValueError(f"dtype={self.dtype!r} is not supported; allowed: {', '.join(map(repr, ALLOWED_DTYPES))}")
+        if not isinstance(self.model_name, str) or not self.model_name.strip():
+            raise ValueError(f"model={self.model_name!r} is empty; allowed: 'embedded', an HF model id, or a local path")
+        if self.loaded_model is not None and "model_name" not in self.model_fields_set:
+            self.model_name = self.loaded_model.name
+        config = self._resolve_call(None, {})
+        if self.streaming and config.sampling.n != 1:
+            raise ValueError(f"n={config.sampling.n} with streaming=True; allowed: n=1 when streaming")
+        return self
+
+    # -- per-call resolution -------------------------------------------------------------
+
+    def _resolve_call(self, stop: Sequence[str] | str | None, kwargs: dict[str, Any]) -> CallConfig:
+        """Fields overridden by per-call kwargs -> validated params (raises ValueError)."""
+        values: dict[str, Any] = {name: getattr(self, name) for name in set(_CALL_KEYS.values())}
+        for key, value in kwargs.items():
+            if key in _CALL_KEYS:
+                values[_CALL_KEYS[key]] = value
+            elif key not in IGNORED_KWARGS and key not in _INTERNAL_CALL_KWARGS:
+                allowed = ", ".join(sorted(_CALL_KEYS))
+                raise ValueError(f"unknown keyword argument {key!r} for {type(self).__name__}; allowed: {allowed}")
+        if stop is not None:
+            values["stop"] = stop
+        model_name = values["model_name"]
+        if not isinstance(model_name, str) or not model_name.strip():
+            raise ValueError(f"model={model_name!r} is empty; allowed: 'embedded', an HF model id, or a local path")
+        logprobs = values["logprobs"]
+        if not isinstance(logprobs, bool):
+            raise ValueError(f"logprobs={logprobs!r} must be True or False")
+        sampling = SamplingParams(
+            n=values["n"],
+            max_new_tokens=values["max_tokens"],
+            temperature=values["temperature"],
+            top_k=values["top_k"],
+            top_p=values["top_p"],
+            min_p=values["min_p"],
+            stop=_as_stop_tuple(values["stop"]),
+            seed=values["seed"],
+            top_logprobs=values["top_logprobs"],
+        )
+        esamp = ESampParams(
+            beta=values["beta"],
+            distiller_width=values["distiller_width"],
+            lr=values["distiller_lr"],
+            adam_eps=values["adam_eps"],
+            grad_clip=values["grad_clip"],
+            warm_start_steps=values["warm_start_steps"],
+            warm_start_lr=values["warm_start_lr"],
+        )
+        return CallConfig(model_name, sampling, esamp, logprobs or sampling.top_logprobs > 0)
+
+    def _resolve_model(self, model_name: str) -> LoadedModel:
+        """The instance's model, or (lazily, via the shared registry) the one named per call."""
+        if self.loaded_model is not None and model_name == self.model_name:
+            return self.loaded_model
+        return load_model(model_name, device=self.device, dtype=self.dtype)
+
+    def _engine(self, loaded: LoadedModel) -> Any:
+        return engine_for(loaded)
+
+    # -- LangChain plumbing shared by both classes ---------------------------------------
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {
+            "model_name": self.model_name,
+            "n": self.n,
+            "temperature": self.temperature,
+            "top_k": self.top_k,
+            "top_p": self.top_p,
+            "min_p": self.min_p,
+            "max_tokens": self.max_tokens,
+            "stop": self.stop,
+            "seed": self.seed,
+            "logprobs": self.logprobs,
+            "top_logprobs": self.top_logprobs,
+            "beta": self.beta,
+            "distiller_width": self.distiller_width,
+            "distiller_lr": self.distiller_lr,
+            "adam_eps": self.adam_eps,
+            "grad_clip": self.grad_clip,
+            "warm_start_steps": self.warm_start_steps,
+            "warm_start_lr": self.warm_start_lr,
+        }
+
+    def _ls_params(self, model_type: str, stop: Sequence[str] | str | None, kwargs: dict[str, Any]) -> LangSmithParams:
+        model_name = kwargs.get("model", kwargs.get("model_name", self.model_name))
+        params = LangSmithParams(ls_provider="esamp", ls_model_name=str(model_name), ls_model_type=model_type)  # type: ignore[typeddict-item]
+        temperature = kwargs.get("temperature", self.temperature)
+        if isinstance(temperature, (int, float)) and not isinstance(temperature, bool):
+            params["ls_temperature"] = float(temperature)
+        max_tokens = kwargs.get("max_tokens", kwargs.get("max_new_tokens", self.max_tokens))
+        if isinstance(max_tokens, int) and not isinstance(max_tokens, bool):
+            params["ls_max_tokens"] = max_tokens
+        stops = _as_stop_tuple(stop if stop is not None else kwargs.get("stop", self.stop))
+        if stops:
+            params["ls_stop"] = list(stops)
+        return params
+
+    def get_token_ids(self, text: str) -> list[int]:
+        """Token ids from the model's own tokenizer (no special tokens; never downloads GPT-2)."""
+        if self.custom_get_token_ids is not None:  # type: ignore[attr-defined]
+            return self.custom_get_token_ids(text)  # type: ignore[attr-defined]
+        tokenizer = self._resolve_model(self.model_name).tokenizer
+        return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+# -- engines ----------------------------------------------------------------------------
+
+
+def engine_for(loaded: LoadedModel) -> Any:
+    """An ESampEngine over ``loaded`` (cheap: it only keeps references; the lock lives on
+    the LoadedModel, so every engine over one model is serialised)."""
+    from esamp_agents.engine import ESampEngine
+
+    return ESampEngine(loaded)
+
+
+# -- metadata ---------------------------------------------------------------------------
+
+
+class TokenRenderer:
+    """Token ids -> OpenAI ``{token, bytes, logprob}`` entries, exact bytes for byte-level BPE."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self._byte_level = backend is not None and "ByteLevel" in repr(getattr(backend, "decoder", ""))
+        self._byte_decoder: dict[str, int] = {}
+        if self._byte_level:
+            from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+            self._byte_decoder = {v: k for k, v in bytes_to_unicode().items()}
+
+    def token(self, token_id: int) -> tuple[str, list[int]]:
+        text = self.tokenizer.decode([token_id])
+        if self._byte_level:
+            piece = self.tokenizer.convert_ids_to_tokens(token_id)
+            if isinstance(piece, str) and piece and all(ch in self._byte_decoder for ch in piece):
+                return text, [self._byte_decoder[ch] for ch in piece]
+        return text, list(text.encode("utf-8"))
+
+    def entry(self, token_id: int, logprob: float) -> dict[str, Any]:
+        text, raw = self.token(token_id)
+        return {"token": text, "bytes": raw, "logprob": float(logprob)}
+
+
+def _content_token_count(candidate: Candidate, eos_ids: Sequence[int]) -> int:
+    """Tokens that belong to the text: the closing end-of-turn token is not shown."""
+    count = len(candidate.token_ids)
+    if count and candidate.stop_sequence is None and candidate.token_ids[-1] in eos_ids:
+        count -= 1
+    return count
+
+
+def openai_logprobs(candidate: Candidate, renderer: TokenRenderer, eos_ids: Sequence[int]) -> dict[str, Any]:
+    """``{"content": [{token, bytes, logprob, top_logprobs}]}`` as in OpenAI chat completions."""
+    content = []
+    for i in range(_content_token_count(candidate, eos_ids)):
+        item = renderer.entry(candidate.token_ids[i], candidate.logprobs[i])
+        alternatives = candidate.top_logprobs[i] if candidate.top_logprobs else []
+        item["top_logprobs"] = [renderer.entry(tid, lp) for tid, lp in alternatives]
+        content.append(item)
+    return {"content": content}
+
+
+def candidate_info(
+    candidate: Candidate,
+    *,
+    model_name: str,
+    logprobs: bool,
+    renderer: TokenRenderer | None,
+    eos_ids: Sequence[int],
+) -> dict[str, Any]:
+    """One candidate's ``generation_info`` (= the chat message's ``response_metadata``)."""
+    info: dict[str, Any] = {
+        "finish_reason": candidate.finish_reason,
+        "model_name": model_name,
+        "candidate_index": candidate.index,
+        "prompt_tokens": candidate.prompt_tokens,
+        "completion_tokens": candidate.completion_tokens,
+        "mean_logprob": candidate.mean_logprob,
+    }
+    if candidate.stop_sequence is not None:
+        info["stop_sequence"] = candidate.stop_sequence
+    if candidate.novelty is not None:
+        finite = [v for v in candidate.novelty if not math.isnan(v)]
+        info["novelty_mean"] = sum(finite) / len(finite) if finite else float("nan")
+    if logprobs and renderer is not None:
+        info["logprobs"] = openai_logprobs(candidate, renderer, eos_ids)
+    return info
+
+
+def prompt_usage(result: PromptResult) -> dict[str, int]:
+    prompt_tokens = len(result.prompt_token_ids)
+    completion = sum(c.completion_tokens for c in result.candidates)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+
+
+def request_usage(result: GenerationResult) -> dict[str, int]:
+    total = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    for pr in result:
+        for key, value in prompt_usage(pr).items():
+            total[key] += value
+    return total
+
+
+def combine_usage(outputs: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
+    """Merge per-call ``llm_output`` dicts: usage summed, distiller curves concatenated."""
+    usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    losses: list[list[float]] = []
+    model_name: str | None = None
+    for out in outputs:
+        if not out:
+            continue
+        for key, value in (out.get("token_usage") or {}).items():
+            usage[key] = usage.get(key, 0) + int(value)
+        losses.extend(out.get("distiller_loss") or [])
+        model_name = model_name or out.get("model_name")
+    combined: dict[str, Any] = {"token_usage": usage, "distiller_loss": losses}
+    if model_name:
+        combined["model_name"] = model_name
+    return combined
+
+
+def check_prompts(prompts: Sequence[str]) -> None:
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str) or not prompt:
+            raise ValueError(f"prompt {i} is {prompt!r}; allowed: a non-empty string")
+
+
+# -- async bridge -----------------------------------------------------------------------
+
+T = TypeVar("T")
+_ITEM, _ERROR, _DONE = 0, 1, 2
+
+
+async def iterate_in_thread(make_iter: Callable[[], Iterator[T]]) -> AsyncIterator[T]:
+    """Run a blocking iterator in ONE dedicated thread and yield its items asynchronously.
+
+    One thread for the whole iteration matters: the engine holds the model's RLock across
+    the stream, and an RLock must be released by the thread that took it (a thread pool
+    could resume the generator on another thread).
+    """
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+    cancelled = threading.Event()
+
+    def post(kind: int, payload: Any) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, (kind, payload))
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            cancelled.set()
+
+    def produce() -> None:
+        try:
+            iterator = make_iter()
+            try:
+                for item in iterator:
+                    if cancelled.is_set():
+                        break
+                    post(_ITEM, item)
+            finally:
+                close = getattr(iterator, "close", None)
+                if close is not None:
+                    close()
+        except BaseException as exc:
+            post(_ERROR, exc)
+        else:
+            post(_DONE, None)
+
+    context = contextvars.copy_context()
+    thread = threading.Thread(target=context.run, args=(produce,), name="esamp-stream", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, payload = await queue.get()
+            if kind == _ITEM:
+                yield payload
+            elif kind == _ERROR:
+                raise payload
+            else:
+                return
+    finally:
+        cancelled.set()
+
+
+__all__ = [
+    "ALLOWED_DTYPES",
+    "DEFAULT_MAX_TOKENS",
+    "IGNORED_KWARGS",
+    "CallConfig",
+    "ESampLangChainMixin",
+    "TokenRenderer",
+    "candidate_info",
+    "check_prompts",
+    "combine_usage",
+    "engine_for",
+    "iterate_in_thread",
+    "openai_logprobs",
+    "prompt_usage",
+    "request_usage",
+]

@@ -1,0 +1,177 @@
+"""``ESampLLM``: the ESamp sampler as a LangChain text-completion model (N candidates per prompt)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.language_models import BaseLLM, LangSmithParams
+from langchain_core.outputs import Generation, GenerationChunk, LLMResult
+from langchain_core.runnables.config import run_in_executor
+
+from esamp_agents.langchain_common import (
+    CallConfig,
+    ESampLangChainMixin,
+    TokenRenderer,
+    candidate_info,
+    check_prompts,
+    iterate_in_thread,
+    request_usage,
+)
+from esamp_agents.loading import EMBEDDED, LoadedModel, load_model
+
+
+class ESampLLM(ESampLangChainMixin, BaseLLM):
+    """Exploratory Sampling as a LangChain LLM: ``n`` diverse completions per prompt.
+
+    Weights load lazily on first use through the shared registry, so many instances naming
+    the same model share one copy (and one lock: concurrent calls are serialised safely).
+    ``invoke`` returns the first candidate only, as for every LangChain model; use
+    ``generate`` to get all ``n`` per prompt (with per-candidate ``generation_info``:
+    finish reason, token counts, mean logprob, ESamp novelty and, when asked, logprobs in
+    OpenAI shape). ``llm_output`` carries token usage and each prompt's Distiller loss curve.
+
+    Caching is off by default (``cache=False``): a cache keyed on prompt and parameters
+    would replay the very same N samples, defeating diverse sampling. Pass ``cache=True``
+    (or a cache object) to opt in.
+
+    Example:
+        .. code-block:: python
+
+            from esamp_agents.llm import ESampLLM
+
+            llm = ESampLLM(model="embedded", n=3, max_tokens=16, beta=0.25, seed=0)
+            result = llm.generate(["The capital of France is"])
+            texts = [g.text for g in result.generations[0]]  # 3 candidates
+            first = llm.invoke("The capital of France is")  # the first one only
+    """
+
+    @classmethod
+    def from_model(
+        cls, model: str | LoadedModel | Any = EMBEDDED, *, tokenizer: Any | None = None, **kwargs: Any
+    ) -> ESampLLM:
+        """Load ``model`` now (name, path, LoadedModel, or HF model + ``tokenizer``)."""
+        loaded = load_model(model, tokenizer=tokenizer, device=kwargs.get("device"), dtype=kwargs.get("dtype", "auto"))
+        if isinstance(model, str):
+            kwargs.setdefault("model", model)
+        return cls(loaded_model=loaded, **kwargs)
+
+    @classmethod
+    def from_model_id(cls, model_id: str = EMBEDDED, **kwargs: Any) -> ESampLLM:
+        """Load the model named ``model_id`` now rather than on first use."""
+        return cls.from_model(model_id, **kwargs)
+
+    @property
+    def _llm_type(self) -> str:
+        return "esamp"
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        return self._ls_params("llm", stop, kwargs)
+
+    # -- generation ------------------------------------------------------------------------
+
+    def _generate(
+        self,
+        prompts: list[str],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> LLMResult:
+        call = self._resolve_call(stop, kwargs)
+        check_prompts(prompts)
+        loaded = self._resolve_model(call.model_name)
+        on_text = None
+        if run_manager is not None and self.streaming:
+
+            def on_text(prompt_index: int, sample_index: int, delta: str) -> None:
+                info = {"prompt_index": prompt_index, "candidate_index": sample_index}
+                run_manager.on_llm_new_token(delta, chunk=GenerationChunk(text=delta, generation_info=info))
+
+        result = self._engine(loaded).generate(list(prompts), call.sampling, call.esamp, on_text=on_text)
+        renderer = TokenRenderer(loaded.tokenizer) if call.logprobs else None
+        eos_ids = loaded.eos_token_ids
+        generations = [
+            [
+                Generation(
+                    text=c.text,
+                    generation_info=candidate_info(
+                        c, model_name=call.model_name, logprobs=call.logprobs, renderer=renderer, eos_ids=eos_ids
+                    ),
+                )
+                for c in pr.candidates
+            ]
+            for pr in result
+        ]
+        llm_output = {
+            "token_usage": request_usage(result),
+            "model_name": call.model_name,
+            "distiller_loss": [list(pr.distiller_loss) for pr in result],
+        }
+        return LLMResult(generations=generations, llm_output=llm_output)
+
+    async def _agenerate(
+        self,
+        prompts: list[str],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> LLMResult:
+        # Validate on the event loop (cheap, fails fast); decode in a worker thread.
+        self._resolve_call(stop, kwargs)
+        check_prompts(prompts)
+        sync_manager = run_manager.get_sync() if run_manager else None
+        return await run_in_executor(None, self._generate, prompts, stop, sync_manager, **kwargs)
+
+    # -- streaming -------------------------------------------------------------------------
+
+    def _stream_call(self, stop: list[str] | None, kwargs: dict[str, Any]) -> CallConfig:
+        call = self._resolve_call(stop, kwargs)
+        if call.sampling.n != 1:
+            raise ValueError(f"n={call.sampling.n} cannot be streamed; allowed: n=1 (use generate() for N candidates)")
+        return call
+
+    def _events(self, prompt: str, call: CallConfig) -> Iterator[GenerationChunk]:
+        loaded = self._resolve_model(call.model_name)
+        renderer = TokenRenderer(loaded.tokenizer) if call.logprobs else None
+        eos_ids = loaded.eos_token_ids
+        for event in self._engine(loaded).stream(prompt, call.sampling, call.esamp):
+            if event.candidate is None:
+                if event.text:
+                    yield GenerationChunk(text=event.text)
+                continue
+            info = candidate_info(
+                event.candidate, model_name=call.model_name, logprobs=call.logprobs, renderer=renderer, eos_ids=eos_ids
+            )
+            yield GenerationChunk(text=event.text, generation_info=info)
+
+    def _stream(
+        self,
+        prompt: str,
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[GenerationChunk]:
+        call = self._stream_call(stop, kwargs)
+        check_prompts([prompt])
+        for chunk in self._events(prompt, call):
+            if run_manager:
+                run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+            yield chunk
+
+    async def _astream(
+        self,
+        prompt: str,
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[GenerationChunk]:
+        call = self._stream_call(stop, kwargs)
+        check_prompts([prompt])
+        async for chunk in iterate_in_thread(lambda: self._events(prompt, call)):
+            if run_manager:
+                await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+            yield chunk
+
+
+__all__ = ["ESampLLM"]
