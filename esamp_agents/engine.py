@@ -84,6 +84,8 @@ class ESampEngine:
                     raise ValueError(f"prompt {i} is empty ({prompt!r}); allowed: a non-blank string")
                 ids = self.tokenize(prompt, add_special_tokens)
             else:
+                if not all(isinstance(t, int) or (isinstance(t, torch.Tensor) and t.numel() == 1) for t in prompt):
+                    raise TypeError(f"prompt {i} must be a string or a list of token ids, got {type(prompt).__name__}")
                 ids = [int(t) for t in prompt]
                 vocab = self.loaded.vocab_size
                 bad = [t for t in ids if not 0 <= t < vocab]
@@ -206,7 +208,7 @@ class ESampEngine:
         use_esamp = esamp.enabled and not greedy
         seed = sampling.seed if sampling.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
         generator = torch.Generator(device=device).manual_seed(seed)
-        eos = torch.tensor(loaded.eos_token_ids or [-1], device=device)
+        eos = torch.tensor([-1] if sampling.ignore_eos else (loaded.eos_token_ids or [-1]), device=device)
         n_states = loaded.num_layers + 1
         obs_layers = sorted({layer % n_states for obs in observers for layer in obs.layers})
         tracker = TextTracker(loaded.tokenizer, rows, sampling.stop, streaming=on_text is not None)
@@ -410,7 +412,7 @@ class ESampEngine:
                 stop_seq = None
                 if by_string[row]:
                     text, stop_seq = cut_at_stop(text, sampling.stop)
-                ended = by_string[row] or (length > 0 and ids[-1] in eos)
+                ended = by_string[row] or (not sampling.ignore_eos and length > 0 and ids[-1] in eos)
                 if on_text is not None:
                     rest = tracker.delta(row, final_text=text)
                     if rest:

@@ -109,6 +109,11 @@ class LoadedModel:
             pad = eos[0] if eos else 0
         return int(pad)
 
+    def chat_token_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        """Chat messages -> prompt token ids (the template already holds any special tokens)."""
+        text = self.apply_chat_template(messages)
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
     def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
         """Chat messages -> prompt text ending where the assistant's turn begins."""
         if getattr(self.tokenizer, "chat_template", None):

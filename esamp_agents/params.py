@@ -45,6 +45,8 @@ class SamplingParams:
 
     Filters apply in HF's order: temperature, top-k, top-p, min-p. ``top_k=0``,
     ``top_p=1`` and ``min_p=0`` switch a filter off. ``temperature=0`` is greedy.
+    ``ignore_eos`` keeps sampling past end-of-turn tokens (for benchmarks that need
+    every row to do the same work).
     """
 
     n: int = 1
@@ -56,6 +58,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     top_logprobs: int = 0
+    ignore_eos: bool = False
 
     def __post_init__(self) -> None:
         _check_int("n", self.n, 1)

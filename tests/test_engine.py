@@ -184,3 +184,10 @@ def test_bad_prompts_fail_before_decoding(engine: ESampEngine) -> None:
         engine.generate([[10**9]], SamplingParams(max_new_tokens=2))
     with pytest.raises(ValueError, match="n=2 cannot be streamed"):
         engine.stream("hi", SamplingParams(n=2))
+
+
+def test_left_padding_does_not_change_greedy_output(engine: ESampEngine) -> None:
+    greedy = SamplingParams(max_new_tokens=8, temperature=0.0)
+    alone = engine.generate(["The sky is"], greedy, PLAIN)[0].candidates[0].token_ids
+    batched = engine.generate(["Write one long sentence about the history of Rome:", "The sky is"], greedy, PLAIN)
+    assert batched[1].candidates[0].token_ids == alone
