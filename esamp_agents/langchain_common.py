@@ -116,9 +116,7 @@ class ESampLangChainMixin(BaseModel):
     top_k: int = _SAMPLING_DEFAULTS.top_k
     top_p: float = _SAMPLING_DEFAULTS.top_p
     min_p: float = _SAMPLING_DEFAULTS.min_p
-    max_tokens: int = Field(
-        default=DEFAULT_MAX_TOKENS, validation_alias=AliasChoices("max_tokens", "max_new_tokens")
-    )
+    max_tokens: int = Field(default=DEFAULT_MAX_TOKENS, validation_alias=AliasChoices("max_tokens", "max_new_tokens"))
     """Maximum new tokens per candidate (also accepted as ``max_new_tokens``)."""
     stop: list[str] | None = None
     seed: int | None = None
@@ -180,7 +178,9 @@ class ESampLangChainMixin(BaseModel):
         if self.dtype not in ALLOWED_DTYPES:
             raise ValueError(f"dtype={self.dtype!r} is not supported; allowed: {', '.join(map(repr, ALLOWED_DTYPES))}")
         if not isinstance(self.model_name, str) or not self.model_name.strip():
-            raise ValueError(f"model={self.model_name!r} is empty; allowed: 'embedded', an HF model id, or a local path")
+            raise ValueError(
+                f"model={self.model_name!r} is empty; allowed: 'embedded', an HF model id, or a local path"
+            )
         if self.loaded_model is not None and "model_name" not in self.model_fields_set:
             self.model_name = self.loaded_model.name
         config = self._resolve_call(None, {})
