@@ -29,7 +29,8 @@ MAX_QUESTIONS = 50
 # and returns the chosen answer, or None when it cannot choose.
 Chooser = Callable[[Sequence[Candidate], Sequence[int | None]], int | None]
 
-_ANSWER_RE = re.compile(r"answer\s*[:=]?\s*\**\s*\$?\s*(-?\d+(?:\.\d+)?)", re.IGNORECASE)
+# "Answer: 12", "answer = 12", "Answer: **12**", "the final answer is 12", "answer must be 12".
+_ANSWER_RE = re.compile(r"\banswer\b(?:\s*(?:is|must be|will be|would be)\b)?[\s:=*$]*(-?\d+(?:\.\d+)?)", re.IGNORECASE)
 _NUMBER_RE = re.compile(r"-?\d+(?:\.\d+)?")
 
 
@@ -64,7 +65,7 @@ def _to_int(s: str) -> int | None:
 
 
 def extract_answer(text: str) -> int | None:
-    """The number after the last 'Answer:', else the last number in the text, else None."""
+    """The number after the last 'Answer:' (or 'answer is'), else the last number in the text, else None."""
     tagged = _ANSWER_RE.findall(text)
     if tagged:
         return _to_int(tagged[-1])

@@ -1,0 +1,260 @@
+"""The command line, run in-process on the shared embedded model (the registry hands it the session's copy)."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from esamp_agents import demo
+from esamp_agents.cli import _unescape, main, read_prompts_file
+from esamp_agents.results import Candidate
+
+FAST = ["--max-tokens", "6", "--seed", "0"]
+
+
+def run(argv: list[str]) -> tuple[int, str]:
+    out = io.StringIO()
+    code = main(argv, out=out)
+    return code, out.getvalue()
+
+
+def run_json(argv: list[str]) -> dict:
+    code, text = run([*argv, "--json"])
+    assert code == 0, text
+    return json.loads(text)
+
+
+# ---------------------------------------------------------------- generate
+
+
+def test_generate_prints_n_candidates(embedded):
+    code, text = run(["generate", "What is 2 + 2?", "-n", "3", *FAST])
+    assert code == 0
+    assert "=== prompt 1/1: What is 2 + 2?" in text
+    for i in range(3):
+        assert f"--- [{i}] finish=" in text
+    assert "--- [3]" not in text
+    assert text.count("mean_logprob=") == 3
+    assert "1 prompt(s), 3 candidates" in text
+
+
+def test_generate_json_is_machine_readable_and_seeded(embedded):
+    argv = ["generate", "Name a colour.", "-n", "2", *FAST, "--beta", "0.25", "--top-p", "0.9"]
+    doc = run_json(argv)
+    assert doc["model"] == embedded.name
+    assert doc["chat_template"] is True
+    assert doc["sampling"]["n"] == 2 and doc["sampling"]["top_p"] == 0.9 and doc["sampling"]["max_new_tokens"] == 6
+    assert doc["esamp"]["beta"] == 0.25
+    [result] = doc["results"]
+    assert result["prompt"] == "Name a colour."
+    cands = result["candidates"]
+    assert [c["index"] for c in cands] == [0, 1]
+    for c in cands:
+        assert c["finish_reason"] in ("stop", "length")
+        assert 1 <= c["completion_tokens"] <= 6
+        assert c["mean_logprob"] is None or (math.isfinite(c["mean_logprob"]) and c["mean_logprob"] <= 0)
+        assert isinstance(c["text"], str)
+    assert doc["stats"]["generated_tokens"] == sum(c["completion_tokens"] for c in cands)
+    # Same seed, same candidates.
+    again = run_json(argv)
+    assert [c["text"] for c in again["results"][0]["candidates"]] == [c["text"] for c in cands]
+
+
+def test_no_chat_sends_the_raw_prompt(embedded):
+    chat = run_json(["generate", "Once upon a time", "-n", "1", *FAST])
+    raw = run_json(["generate", "Once upon a time", "-n", "1", *FAST, "--no-chat"])
+    assert raw["chat_template"] is False
+    raw_tokens = raw["results"][0]["candidates"][0]["prompt_tokens"]
+    assert raw_tokens == len(embedded.tokenizer("Once upon a time")["input_ids"])
+    # The chat template wraps the prompt in a system turn and role markers.
+    assert chat["results"][0]["candidates"][0]["prompt_tokens"] > raw_tokens + 10
+
+
+def test_prompts_file_batches_keep_order(embedded, tmp_path, capsys):
+    path = tmp_path / "prompts.txt"
+    path.write_text("What is 1 + 1?\n\nName a fruit.\nSay hi.\n", encoding="utf-8")
+    doc = run_json(["generate", "--prompts-file", str(path), "-n", "1", "--batch-size", "2", *FAST])
+    assert [r["prompt"] for r in doc["results"]] == ["What is 1 + 1?", "Name a fruit.", "Say hi."]
+    assert all(len(r["candidates"]) == 1 for r in doc["results"])
+    assert doc["stats"]["prompts"] == 3
+    assert "prompt" in capsys.readouterr().err  # the tqdm bar over prompts (2 batches)
+
+
+def test_prompts_file_jsonl(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": "a"}\n\n{"prompt": "b", "id": 7}\n', encoding="utf-8")
+    assert [p.text for p in read_prompts_file(path)] == ["a", "b"]
+    assert read_prompts_file(path)[1].source == f"{path}:3"
+
+
+def test_stop_escapes():
+    assert _unescape("\\n\\n") == "\n\n"
+    assert _unescape("a\\tb") == "a\tb"
+    assert _unescape("plain") == "plain"
+
+
+# ---------------------------------------------------------------- bad arguments: exit 2, one clear line
+
+BAD = [
+    (["-n", "0"], "n=0 is out of range; allowed: 1 <= n"),
+    (["--beta", "-1"], "beta=-1.0 is out of range; allowed: 0 <= beta <= 100"),
+    (["--temperature", "-0.5"], "temperature=-0.5 is out of range"),
+    (["--top-p", "1.5"], "top_p=1.5 is out of range; allowed: 0 < top_p <= 1"),
+    (["--top-k", "-2"], "top_k=-2 is out of range"),
+    (["--min-p", "1"], "min_p=1.0 is out of range; allowed: 0 <= min_p < 1"),
+    (["--max-tokens", "0"], "max_new_tokens=0 is out of range"),
+    (["--seed", "-1"], "seed=-1 is out of range"),
+    (["--warm-start-steps", "-1"], "warm_start_steps=-1 is out of range"),
+    (["--batch-size", "0"], "--batch-size=0 is out of range; allowed: --batch-size >= 1"),
+    (["--stop", ""], "every stop sequence must be a non-empty string"),
+    (["-n", "abc"], "invalid int value: 'abc'"),
+    (["--dtype", "int4"], "invalid choice: 'int4'"),
+]
+
+
+@pytest.mark.parametrize(("extra", "message"), BAD, ids=[" ".join(b[0]) for b in BAD])
+def test_bad_generate_arguments_exit_2(extra, message, capsys):
+    code, out = run(["generate", "hello", *extra])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err
+    assert "Traceback" not in err
+    assert out == ""
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["generate"], "no prompt given"),
+        (["generate", "   "], "prompt='   ' is empty"),
+        (["generate", "hi", "--prompts-file", "x.txt"], "not both"),
+        (["generate", "--prompts-file", "/nonexistent/prompts.txt"], "'/nonexistent/prompts.txt' does not exist"),
+        (["demo", "--questions", "0"], "questions=0 is out of range; allowed: 1 <= questions <= 50"),
+        (["demo", "-n", "0"], "n=0 is out of range"),
+        (["demo", "--chooser", "oracle"], "--chooser='oracle' is unknown; allowed: logprob, majority"),
+        ([], "required"),
+    ],
+)
+def test_bad_usage_exit_2(argv, message, capsys):
+    code, _ = run(argv)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('{"prompt": "ok"}\nnot json\n', ":2: not valid JSON"),
+        ('{"text": "no prompt field"}\n', ":1: each line must be an object with a non-empty string 'prompt' field"),
+        ("\n\n", "holds no prompts"),
+    ],
+)
+def test_bad_prompts_file_exit_2(tmp_path, capsys, content, message):
+    path = tmp_path / "p.jsonl"
+    path.write_text(content, encoding="utf-8")
+    code, _ = run(["generate", "--prompts-file", str(path)])
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unknown_model_exits_2_naming_it(capsys):
+    code, _ = run(["generate", "hi", "--model", "no-such-org/no-such-model-xyz", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "could not load model 'no-such-org/no-such-model-xyz'" in err
+    assert "Traceback" not in err
+
+
+def test_python_dash_m_help():
+    proc = subprocess.run(
+        [sys.executable, "-m", "esamp_agents", "generate", "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "--prompts-file" in proc.stdout and "--beta" in proc.stdout
+
+
+# ---------------------------------------------------------------- demo
+
+
+def _cand(index: int, text: str, lps: list[float]) -> Candidate:
+    return Candidate(
+        index=index, text=text, token_ids=[1] * len(lps), logprobs=lps, finish_reason="stop", prompt_tokens=5
+    )
+
+
+def test_make_questions_is_seeded_single_digit_arithmetic():
+    qs = demo.make_questions(20, seed=3)
+    assert qs == demo.make_questions(20, seed=3)
+    assert qs != demo.make_questions(20, seed=4)
+    for q in qs:
+        a, op, b = q.text.removeprefix("What is ").removesuffix("?").split()
+        assert 1 <= int(a) <= 9 and 1 <= int(b) <= 9
+        assert q.answer == (int(a) + int(b) if op == "+" else int(a) * int(b))
+        assert q.prompt.endswith(demo.SUFFIX)
+
+
+@pytest.mark.parametrize(
+    ("text", "answer"),
+    [
+        ("7 + 5 = 12. Answer: 12", 12),
+        ("Answer: 3 ... wait, Answer: **14**", 14),
+        ("answer = 6", 6),
+        ("First 3, then 4, so 7", 7),
+        ("The result is 12.0", 12),
+        ("about 2.5", None),
+        ("no digits here", None),
+        ("Answer: -3", -3),
+        ("4 + 9 is 13. So the final answer must be 13. I would have 14", 13),
+        ("The answer is 8, then 9 more", 8),
+        ("write the answer as 'Answer: <number>'. 5 + 3 = 8", 8),
+    ],
+)
+def test_extract_answer(text, answer):
+    assert demo.extract_answer(text) == answer
+
+
+def test_majority_vote_and_tie_break():
+    cands = [_cand(0, "", [-1.0]), _cand(1, "", [-0.2]), _cand(2, "", [-0.5]), _cand(3, "", [-3.0])]
+    assert demo.majority_vote(cands, [5, 6, 5, None]) == 5
+    # 5 and 6 tie 1:1; 6's best candidate has the higher mean logprob.
+    assert demo.majority_vote(cands, [5, 6, None, None]) == 6
+    assert demo.majority_vote(cands, [None] * 4) is None
+    assert demo.max_logprob(cands, [5, 6, 7, 8]) == 6
+    assert demo.max_logprob(cands, [5, None, 7, 8]) == 7
+
+
+def test_run_demo_small(embedded):
+    out = io.StringIO()
+    report = demo.run_demo(questions=2, n=2, max_new_tokens=8, seed=1, out=out)
+    text = out.getvalue()
+    assert len(report.rows) == 2
+    assert all(len(r.candidates) == 2 and len(r.answers) == 2 for r in report.rows)
+    assert report.generated_tokens == sum(c.completion_tokens for r in report.rows for c in r.candidates)
+    assert 0.0 <= report.accuracy <= report.pass_at_n <= 1.0
+    assert "Q1. What is" in text and "Q2. What is" in text
+    assert "chosen (majority):" in text and "accuracy (majority):" in text and "pass@2" in text
+
+
+def test_demo_chooser_is_pluggable(embedded):
+    def oracle(candidates, answers):
+        return target
+
+    target = demo.make_questions(1, seed=5)[0].answer
+    report = demo.run_demo(questions=1, n=2, max_new_tokens=4, seed=5, chooser=oracle, out=io.StringIO())
+    assert report.rows[0].chosen == target
+    assert report.accuracy == 1.0
+
+
+def test_demo_command(embedded):
+    code, text = run(["demo", "--questions", "1", "-n", "2", "--max-tokens", "6", "--chooser", "logprob"])
+    assert code == 0
+    assert "Q1. What is" in text
+    assert "chosen (logprob):" in text
+    assert "accuracy (logprob):" in text
