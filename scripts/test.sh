@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Set up the environment if needed, lint, then run the test suite offline.
+# Extra arguments go to pytest, e.g. `bash scripts/test.sh tests/test_cli.py -x -q`.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+bash scripts/bootstrap.sh
+# shellcheck disable=SC1091
+. .venv/bin/activate
+
+echo "[test] ruff check"
+ruff check .
+echo "[test] ruff format --check"
+ruff format --check .
+
+# Offline: no model hub; sockets are disabled by pytest's addopts (pyproject.toml).
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+echo "[test] pytest $*"
+status=0
+python -m pytest "$@" || status=$?
+if [[ $status -eq 5 ]]; then
+    echo "[test] ERROR: pytest collected no tests (exit 5); treating that as a failure" >&2
+    exit 5
+fi
+exit "$status"
