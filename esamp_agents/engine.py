@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from torch.nn import functional as F
+from transformers import StaticCache
 
 from esamp_agents.distiller import BatchedDistiller
 from esamp_agents.loading import LoadedModel, load_model
@@ -34,6 +35,19 @@ TextCallback = Callable[[int, int, str], None]
 
 # Above this share of the vocabulary, one dense projection is cheaper than gathering rows.
 DENSE_PROJECTION_SHARE = 0.5
+
+
+def _repeat_cache_rows(cache: Any, n: int) -> None:
+    """Repeat every prompt's cached keys/values N times (prompt-major rows), so the
+    prompt is prefilled once, not N times. Static layers have no such method yet."""
+    if not isinstance(cache, StaticCache):
+        cache.batch_repeat_interleave(n)
+        return
+    for layer in cache.layers:
+        if getattr(layer, "is_initialized", False):
+            layer.keys = layer.keys.repeat_interleave(n, dim=0)
+            layer.values = layer.values.repeat_interleave(n, dim=0)
+            layer.batch_size = layer.keys.shape[0]
 
 
 @dataclass
@@ -154,6 +168,14 @@ class ESampEngine:
         return fused.masked_fill(~keep, float("-inf"))
 
     # ------------------------------------------------------------------ forward
+    def _new_cache(self, max_len: int) -> Any:
+        """A preallocated KV cache: a growing cache re-concatenates every layer's
+        keys and values each step, which was half of CPU decode time at 4 x 16."""
+        try:
+            return StaticCache(config=self.loaded.config, max_cache_len=max_len)
+        except (TypeError, ValueError, NotImplementedError):  # architectures without static-cache support
+            return None
+
     def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any) -> Any:
         return self._base(
             input_ids=input_ids,
@@ -224,7 +246,7 @@ class ESampEngine:
             mask[i, max_len - len(ids) :] = 1  # generated positions are always attended
         prefill_mask = mask[:, :max_len]
         positions = (prefill_mask.cumsum(-1) - 1).clamp(min=0)
-        out = self._forward(input_ids, prefill_mask, positions, None)
+        out = self._forward(input_ids, prefill_mask, positions, self._new_cache(total_len))
         cache, hidden_states = out.past_key_values, out.hidden_states
 
         distiller: BatchedDistiller | None = None
@@ -245,7 +267,7 @@ class ESampEngine:
 
         last = {i: hidden_states[i][:, -1].repeat_interleave(n, 0) for i in {1, n_states - 1, *obs_layers}}
         if n > 1:
-            cache.batch_repeat_interleave(n)
+            _repeat_cache_rows(cache, n)
         mask = mask.repeat_interleave(n, 0)
         next_pos = positions[:, -1].repeat_interleave(n, 0) + 1
         del out, hidden_states
