@@ -150,21 +150,30 @@ def bench_shape(engine: ESampEngine, p: int, n: int, args: argparse.Namespace) -
     return row
 
 
-def peak_rss_mb(mode: str, shape: str, args: argparse.Namespace) -> float:
-    """Run one generation in a fresh process and return its peak RSS in MB."""
+def peak_rss_mb(mode: str, shape: str, args: argparse.Namespace) -> dict[str, float]:
+    """One generation in a fresh process: resident memory before it and its peak during it, in MB.
+
+    The process-wide ``ru_maxrss`` is useless here (de-quantising the GGUF at load time
+    peaks far above decoding), so a thread samples the current RSS every 5 ms instead.
+    """
     code = (
-        "import resource,sys; sys.argv=['x'];"
+        "import sys,threading,time; sys.argv=['x'];"
         "from benchmarks.throughput import *;"
+        "rss=lambda: int(open('/proc/self/statm').read().split()[1])*os.sysconf('SC_PAGE_SIZE')/2**20;"
         f"e=ESampEngine(load_model('embedded', device='cpu'));p,n=parse_shape({shape!r});"
         f"s=SamplingParams(n=n,max_new_tokens={args.new_tokens},temperature={args.temperature},top_k={args.top_k},"
-        "seed=1,ignore_eos=True);"
-        "r0=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
-        f"e.generate(prompts_for(e,p),s,ESampParams(beta={args.beta if mode == 'on' else 0.0}));"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+        "seed=1,ignore_eos=True);pr=prompts_for(e,p);"
+        "e.generate(pr,SamplingParams(n=1,max_new_tokens=2),ESampParams(beta=0.0));"
+        "base=rss();peak=[base];done=threading.Event();"
+        "t=threading.Thread(target=lambda: [peak.append(max(peak[-1],rss())) or time.sleep(0.005) "
+        "for _ in iter(lambda: done.is_set(), True)]);t.start();"
+        f"e.generate(pr,s,ESampParams(beta={args.beta if mode == 'on' else 0.0}));"
+        "done.set();t.join();print(base, peak[-1])"
     )
     root = Path(__file__).resolve().parent.parent
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
-    return int(out.stdout.strip().splitlines()[-1]) / 1024
+    base, peak = (float(x) for x in out.stdout.strip().splitlines()[-1].split())
+    return {"before_mb": base, "peak_mb": peak, "growth_mb": peak - base}
 
 
 def main() -> None:
@@ -192,7 +201,8 @@ def main() -> None:
     if args.memory:
         shape = "x".join(map(str, args.shapes[-1]))
         memory = {mode: peak_rss_mb(mode, shape, args) for mode in ("off", "on")}
-        memory["esamp_extra_mb"] = memory["on"] - memory["off"]
+        memory["esamp_extra_mb"] = memory["on"]["peak_mb"] - memory["off"]["peak_mb"]
+        memory["esamp_extra_growth_mb"] = memory["on"]["growth_mb"] - memory["off"]["growth_mb"]
         memory["shape"] = shape
     result = {
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
@@ -217,8 +227,10 @@ def main() -> None:
               f"{r['ratio_on_off']:.3f} | {r['paired_ratio_on_off_median']:.3f} | "
               f"{m['on']['median_distiller_share']:.3f} | {hf} |")  # fmt: skip
     if memory:
-        print(f"\npeak RSS at {memory['shape']}: off {memory['off']:.0f} MB, on {memory['on']:.0f} MB, "
-              f"ESamp extra {memory['esamp_extra_mb']:.0f} MB")  # fmt: skip
+        off, on = memory["off"], memory["on"]
+        print(f"\nRSS during generation at {memory['shape']}: off {off['before_mb']:.0f} -> peak {off['peak_mb']:.0f} MB, "
+              f"on {on['before_mb']:.0f} -> peak {on['peak_mb']:.0f} MB; ESamp extra growth "
+              f"{memory['esamp_extra_growth_mb']:.0f} MB")  # fmt: skip
     print(f"\nwrote {args.out}")
 
 
