@@ -228,7 +228,8 @@ def main() -> None:
               f"{m['on']['median_distiller_share']:.3f} | {hf} |")  # fmt: skip
     if memory:
         off, on = memory["off"], memory["on"]
-        print(f"\nRSS during generation at {memory['shape']}: off {off['before_mb']:.0f} -> peak {off['peak_mb']:.0f} MB, "
+        print(f"\nRSS during generation at {memory['shape']}: "
+              f"off {off['before_mb']:.0f} -> peak {off['peak_mb']:.0f} MB, "
               f"on {on['before_mb']:.0f} -> peak {on['peak_mb']:.0f} MB; ESamp extra growth "
               f"{memory['esamp_extra_growth_mb']:.0f} MB")  # fmt: skip
     print(f"\nwrote {args.out}")

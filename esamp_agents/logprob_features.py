@@ -59,7 +59,8 @@ def token_features(chosen: torch.Tensor, top: torch.Tensor, top_k: int) -> torch
     chosen = chosen.float()
     top = top.float()
     if top.dim() != 2 or chosen.dim() != 1 or top.shape[0] != chosen.shape[0]:
-        raise ValueError(f"shapes chosen {tuple(chosen.shape)} and top {tuple(top.shape)} do not match; need [T], [T, m]")
+        shapes = f"chosen {tuple(chosen.shape)} and top {tuple(top.shape)}"
+        raise ValueError(f"shapes {shapes} do not match; need [T] and [T, m]")
     t = chosen.shape[0]
     floor = torch.tensor(LOGPROB_FLOOR)
     top = torch.where(torch.isfinite(top), top, floor).clamp(min=LOGPROB_FLOOR, max=0.0)
