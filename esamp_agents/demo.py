@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import random
-import re
 import sys
 import time
 from collections import Counter
@@ -18,20 +17,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TextIO
 
+from esamp_agents import tasks
 from esamp_agents.loading import EMBEDDED
 from esamp_agents.params import ESampParams, SamplingParams
 from esamp_agents.results import Candidate
 
-SUFFIX = "Think step by step, then write the final answer as 'Answer: <number>'."
+SUFFIX = tasks.DEFAULT_SUFFIX
 MAX_QUESTIONS = 50
 
 # A chooser sees one question's candidates and their extracted answers (same order)
 # and returns the chosen answer, or None when it cannot choose.
 Chooser = Callable[[Sequence[Candidate], Sequence[int | None]], int | None]
-
-# "Answer: 12", "answer = 12", "Answer: **12**", "the final answer is 12", "answer must be 12".
-_ANSWER_RE = re.compile(r"\banswer\b(?:\s*(?:is|must be|will be|would be)\b)?[\s:=*$]*(-?\d+(?:\.\d+)?)", re.IGNORECASE)
-_NUMBER_RE = re.compile(r"-?\d+(?:\.\d+)?")
 
 
 @dataclass(frozen=True)
@@ -59,18 +55,11 @@ def make_questions(count: int, seed: int = 0) -> list[Question]:
     return out
 
 
-def _to_int(s: str) -> int | None:
-    value = float(s)
-    return int(value) if value.is_integer() else None
-
-
 def extract_answer(text: str) -> int | None:
-    """The number after the last 'Answer:' (or 'answer is'), else the last number in the text, else None."""
-    tagged = _ANSWER_RE.findall(text)
-    if tagged:
-        return _to_int(tagged[-1])
-    numbers = _NUMBER_RE.findall(text)
-    return _to_int(numbers[-1]) if numbers else None
+    """The final answer as an integer (``tasks.extract_answer``'s rules), or None when it is not a whole number."""
+    answer = tasks.extract_answer(text)
+    value = tasks.parse_number(answer) if answer is not None else None
+    return int(value) if value is not None and value.denominator == 1 else None
 
 
 def majority_vote(candidates: Sequence[Candidate], answers: Sequence[int | None]) -> int | None:

@@ -1,0 +1,601 @@
+"""Reasoning tasks with exact graders: seeded arithmetic generators, benchmark loaders, answer extraction.
+
+Used for reward-model training data, Best-of-N evaluation and the demo, so the graders are strict:
+the final answer is read from an explicit cue ("Answer: 12"), a ``\\boxed{}``, or the last number,
+and compared exactly (no x100 leniency, "0.5" never matches "50").
+
+Generated problems carry a ``key`` (the arithmetic fact, e.g. "7*5"); the train/test split is a
+stable hash of the key, so a held-out fact never appears in training under any phrasing.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import math
+import random
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Literal
+
+DEFAULT_SUFFIX = "Think step by step, then write the final answer as 'Answer: <number>'."
+
+Split = Literal["all", "train", "test"]
+SPLITS: tuple[str, ...] = ("all", "train", "test")
+TRAIN_FRACTION = 0.4  # of keys; the rest (~60%) is held out for testing
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One question with its reference answer; ``key`` is the identity used for train/test splitting."""
+
+    id: str
+    task: str
+    question: str
+    answer: str
+    key: str
+
+    def prompt(self, suffix: str = DEFAULT_SUFFIX) -> str:
+        """The question followed by the answer-format instruction."""
+        return f"{self.question} {suffix}" if suffix else self.question
+
+
+# --------------------------------------------------------------------------- generators
+
+_ARITH_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "+": (
+        "What is {a} + {b}?",
+        "Compute {a} + {b}.",
+        "Calculate {a} plus {b}.",
+        "What is the sum of {a} and {b}?",
+        "What do you get when you add {a} and {b}?",
+    ),
+    "-": (
+        "What is {a} - {b}?",
+        "Compute {a} - {b}.",
+        "Calculate {a} minus {b}.",
+        "What is the difference between {a} and {b}?",
+        "What do you get when you subtract {b} from {a}?",
+    ),
+    "*": (
+        "What is {a} * {b}?",
+        "Compute {a} * {b}.",
+        "Calculate {a} times {b}.",
+        "What is the product of {a} and {b}?",
+        "What do you get when you multiply {a} by {b}?",
+    ),
+}
+
+# Word-problem families: (templates, answer from the numbers). Numbers are 2..9 so every noun is plural.
+_WORD_FAMILIES: dict[str, tuple[tuple[str, ...], Callable[[int, int], int]]] = {
+    "buy_more": (
+        (
+            "Tom has {a} apples and buys {b} more. How many apples does he have now?",
+            "Sara has {a} books. Her friend gives her {b} more books. How many books does Sara have now?",
+            "There are {a} birds on a tree. {b} more birds land on it. How many birds are on the tree now?",
+            "Ben finds {a} coins on Monday and {b} coins on Tuesday. How many coins does he find in total?",
+        ),
+        lambda a, b: a + b,
+    ),
+    "give_away": (
+        (
+            "Sara had {a} stickers and gave away {b}. How many stickers does she have left?",
+            "There were {a} cookies on a plate. Tom ate {b} of them. How many cookies are left on the plate?",
+            "A bus had {a} passengers. At a stop, {b} passengers got off. How many passengers are on the bus now?",
+            "Mia had {a} balloons. {b} of them popped. How many balloons does Mia have now?",
+        ),
+        lambda a, b: a - b,
+    ),
+    "groups": (
+        (
+            "A box holds {a} pens. How many pens are in {b} boxes?",
+            "Each bag has {a} marbles. How many marbles are in {b} bags?",
+            "There are {b} rows of chairs with {a} chairs in each row. How many chairs are there?",
+            "Tom buys {b} packs of cards. Each pack has {a} cards. How many cards does Tom buy?",
+        ),
+        lambda a, b: a * b,
+    ),
+    "share": (
+        (
+            "Lily has {a} candies and shares them equally among {b} friends. How many candies does each friend get?",
+            "There are {a} students split into {b} equal teams. How many students are in each team?",
+            "{a} eggs are packed into {b} cartons with the same number in each. How many eggs are in each carton?",
+            "A baker puts {a} muffins on {b} trays, the same number on each tray. How many muffins are on each tray?",
+        ),
+        lambda a, b: a // b,
+    ),
+}
+
+TASK_NAMES: tuple[str, ...] = (
+    "single_digit",
+    "single_digit_add",
+    "single_digit_mul",
+    "single_digit_sub",
+    "two_digit_addsub",
+    "word_problems",
+)
+
+
+@dataclass(frozen=True)
+class _Item:
+    key: str
+    answer: int
+    templates: tuple[str, ...]
+    a: int
+    b: int
+
+
+def _arith_items(ops: str, low: int, high: int) -> list[_Item]:
+    items = []
+    for op in ops:
+        for a in range(low, high + 1):
+            for b in range(low, high + 1):
+                if op == "-" and a < b:
+                    continue
+                answer = a + b if op == "+" else a - b if op == "-" else a * b
+                items.append(_Item(f"{a}{op}{b}", answer, _ARITH_TEMPLATES[op], a, b))
+    return items
+
+
+def _word_items() -> list[_Item]:
+    items = []
+    for family, (templates, solve) in _WORD_FAMILIES.items():
+        for x in range(2, 10):
+            for y in range(2, 10):
+                if family == "give_away" and y > x:
+                    continue
+                a, b = (x * y, y) if family == "share" else (x, y)  # share: a total that divides evenly
+                items.append(_Item(f"{family}:{a},{b}", solve(a, b), templates, a, b))
+    return items
+
+
+def _task_items(task: str) -> list[_Item]:
+    if task == "single_digit":
+        return _arith_items("+*", 1, 9)
+    if task == "single_digit_add":
+        return _arith_items("+", 1, 9)
+    if task == "single_digit_mul":
+        return _arith_items("*", 1, 9)
+    if task == "single_digit_sub":
+        return _arith_items("-", 1, 9)
+    if task == "two_digit_addsub":
+        return _arith_items("+-", 10, 99)
+    if task == "word_problems":
+        return _word_items()
+    raise ValueError(f"task={task!r} is unknown; allowed: {', '.join(TASK_NAMES)}")
+
+
+def key_split(key: str) -> Literal["train", "test"]:
+    """The split of a problem key: a stable hash (the same in every process and Python version)."""
+    digest = hashlib.sha256(key.encode("utf-8")).digest()
+    return "train" if int.from_bytes(digest[:8], "big") / 2**64 < TRAIN_FRACTION else "test"
+
+
+def _check_task_split(task: str, split: str) -> None:
+    if not isinstance(task, str) or task not in TASK_NAMES:
+        raise ValueError(f"task={task!r} is unknown; allowed: {', '.join(TASK_NAMES)}")
+    if not isinstance(split, str) or split not in SPLITS:
+        raise ValueError(f"split={split!r} is unknown; allowed: {', '.join(SPLITS)}")
+
+
+def _pool(task: str, split: str) -> list[_Item]:
+    items = _task_items(task)
+    return items if split == "all" else [it for it in items if key_split(it.key) == split]
+
+
+def available_problems(task: str, split: Split = "all") -> int:
+    """How many distinct problems (key x phrasing) ``task`` has in ``split``."""
+    _check_task_split(task, split)
+    return sum(len(it.templates) for it in _pool(task, split))
+
+
+def generate_problems(task: str, count: int, seed: int = 0, split: Split = "all") -> list[Problem]:
+    """``count`` distinct seeded problems of ``task`` in a seeded random order.
+
+    The order is a seeded shuffle of all problems in the split, so a smaller ``count`` with the
+    same seed gives a prefix of a larger one.
+    """
+    _check_task_split(task, split)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed={seed!r} must be an integer")
+    if isinstance(count, bool) or not isinstance(count, int):
+        raise ValueError(f"count={count!r} must be an integer >= 1")
+    pool = _pool(task, split)
+    offsets = [0]
+    for it in pool:
+        offsets.append(offsets[-1] + len(it.templates))
+    total = offsets[-1]
+    if not 1 <= count <= total:
+        raise ValueError(
+            f"count={count} is out of range; allowed: 1 <= count <= {total} "
+            f"(distinct {task} problems in split {split!r})"
+        )
+    order = list(range(total))
+    random.Random(seed).shuffle(order)
+    out = []
+    for index in order[:count]:
+        i = bisect.bisect_right(offsets, index) - 1
+        item, t = pool[i], index - offsets[i]
+        question = item.templates[t].format(a=item.a, b=item.b)
+        out.append(Problem(f"{task}:{item.key}:t{t}", task, question, str(item.answer), item.key))
+    return out
+
+
+# --------------------------------------------------------------------------- loaders
+
+
+def _format_number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+def _read_jsonl(path: str | Path, name: str) -> list[tuple[int, dict]]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{name} file {path}: line {lineno} is not JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{name} file {path}: line {lineno} is not a JSON object")
+            rows.append((lineno, row))
+    return rows
+
+
+def _field(row: dict, name: str, where: str) -> str:
+    value = row.get(name)
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{where}: missing or empty {name!r} field")
+    return value.strip()
+
+
+def load_gsm8k(path: str | Path) -> list[Problem]:
+    """GSM8K jsonl (``question``, ``answer`` ending in ``#### N``); ids are ``gsm8k:00000`` by position."""
+    problems = []
+    for i, (lineno, row) in enumerate(_read_jsonl(path, "gsm8k")):
+        where = f"gsm8k file {path}: line {lineno}"
+        question, solution = _field(row, "question", where), _field(row, "answer", where)
+        if "####" not in solution:
+            raise ValueError(f"{where}: the answer has no '#### N' final line")
+        answer = solution.rsplit("####", 1)[1].strip().replace(",", "")
+        if not answer:
+            raise ValueError(f"{where}: the answer's '####' line is empty")
+        pid = f"gsm8k:{i:05d}"
+        problems.append(Problem(pid, "gsm8k", question, answer, pid))
+    return problems
+
+
+def load_svamp(path: str | Path) -> list[Problem]:
+    """SVAMP json list (``Body``, ``Question``, float ``Answer``); ids are ``svamp:<ID>`` (or by position)."""
+    with open(path, encoding="utf-8") as f:
+        try:
+            rows = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"svamp file {path} is not JSON ({e.msg})") from None
+    if not isinstance(rows, list):
+        raise ValueError(f"svamp file {path}: expected a JSON list of problems")
+    problems = []
+    for i, row in enumerate(rows):
+        where = f"svamp file {path}: item {i}"
+        if not isinstance(row, dict):
+            raise ValueError(f"{where} is not a JSON object")
+        body, question = _field(row, "Body", where), _field(row, "Question", where)
+        value = row.get("Answer")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{where}: 'Answer' must be a finite number, got {value!r}")
+        pid = f"svamp:{row['ID']}" if isinstance(row.get("ID"), str) and row["ID"] else f"svamp:{i:05d}"
+        problems.append(Problem(pid, "svamp", f"{body} {question}", _format_number(value), pid))
+    return problems
+
+
+def load_math(path: str | Path) -> list[Problem]:
+    """MATH / MATH-500 jsonl (``problem``, ``answer`` in LaTeX, or else the solution's last ``\\boxed{}``).
+
+    Ids are ``math:<unique_id>`` when the file has one, else ``math:00000`` by position.
+    """
+    problems = []
+    for i, (lineno, row) in enumerate(_read_jsonl(path, "math")):
+        where = f"math file {path}: line {lineno}"
+        question = _field(row, "problem", where)
+        answer = row.get("answer")
+        if not isinstance(answer, str) or not answer.strip():
+            answer = _last_boxed(row.get("solution") or "")
+            if answer is None:
+                raise ValueError(f"{where}: no 'answer' field and no \\boxed{{}} in the solution")
+        uid = row.get("unique_id")
+        pid = f"math:{uid}" if isinstance(uid, str) and uid else f"math:{i:05d}"
+        problems.append(Problem(pid, "math", question, answer.strip(), pid))
+    return problems
+
+
+_LOADERS: dict[str, Callable[[str | Path], list[Problem]]] = {
+    "gsm8k": load_gsm8k,
+    "svamp": load_svamp,
+    "math": load_math,
+}
+
+
+def load_problems(spec: str) -> list[Problem]:
+    """Problems from a spec: ``task:count[:seed[:split]]`` for a generator, or ``gsm8k|svamp|math:PATH``."""
+    usage = f"allowed: TASK:COUNT[:SEED[:SPLIT]] with TASK in {', '.join(TASK_NAMES)}, or {'|'.join(_LOADERS)}:PATH"
+    if not isinstance(spec, str) or ":" not in spec:
+        raise ValueError(f"problems spec {spec!r} is malformed; {usage}")
+    name, rest = spec.split(":", 1)
+    if name in _LOADERS:
+        if not rest:
+            raise ValueError(f"problems spec {spec!r} has no file path; {usage}")
+        if not Path(rest).is_file():
+            raise FileNotFoundError(f"problems spec {spec!r}: no such file: {rest}")
+        return _LOADERS[name](rest)
+    if name not in TASK_NAMES:
+        raise ValueError(f"problems spec {spec!r}: task {name!r} is unknown; {usage}")
+    parts = rest.split(":")
+    if not 1 <= len(parts) <= 3:
+        raise ValueError(f"problems spec {spec!r} is malformed; {usage}")
+    ints = []
+    for label, text in zip(("count", "seed"), parts[:2], strict=False):
+        try:
+            ints.append(int(text))
+        except ValueError:
+            raise ValueError(f"problems spec {spec!r}: {label}={text!r} is not an integer; {usage}") from None
+    count, seed = ints[0], ints[1] if len(ints) > 1 else 0
+    split = parts[2] if len(parts) == 3 else "all"
+    return generate_problems(name, count, seed=seed, split=split)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- answer extraction
+
+# A cue before the final answer: "Answer:", "answer is", "final answer must be", "answer = ".
+_CUE_RE = re.compile(
+    r"\banswer\b(?:\s*(?:is|must be|will be|would be|should be|equals)\b)?(?P<sep>[\s:=*$'\"`]*)", re.IGNORECASE
+)
+# A plain number: optional minus (not after a word, so "12-7" gives 12 and 7), thousands separators, decimals.
+_NUM = r"(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"
+_NUMBER_RE = re.compile(rf"(?:(?<![\w)\]}}])-)?{_NUM}")
+_PLAIN_NUMBER_RE = re.compile(rf"[+-]?(?:{_NUM}|\.\d+)")
+_PROSE_WORD_RE = re.compile(r"[A-Za-z]{2,}")
+_ARITHMETIC_RE = re.compile(r"[\d\s.,+\-*/×÷()^]+")
+_SENTENCE_END_RE = re.compile(r"\.(?=\s)")
+_OPENERS = ("\\(", "\\[", "$", "**", "*", "'", '"', "`")
+
+
+def _balanced(text: str, open_at: int) -> str | None:
+    """The content of the brace group opening at ``text[open_at]``, or None when it never closes."""
+    depth = 0
+    i = open_at
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\":
+            i += 2
+            continue
+        if ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+            if depth == 0:
+                return text[open_at + 1 : i]
+        i += 1
+    return None
+
+
+def _last_boxed(text: str) -> str | None:
+    for m in reversed(list(re.finditer(r"\\(?:boxed|fbox)\s*\{", text))):
+        content = _balanced(text, m.end() - 1)
+        if content is not None and content.strip():
+            return content.strip()
+    return None
+
+
+def _cut_closer(span: str) -> str:
+    """Cut at the first unescaped '$', '\\)', '\\]', '**', quote or backtick (the answer's closing wrapper)."""
+    i = 0
+    while i < len(span):
+        ch = span[i]
+        if ch == "\\":
+            if span[i : i + 2] in ("\\)", "\\]"):
+                return span[:i]
+            i += 2
+            continue
+        if ch in "$'\"`" or span.startswith("**", i):
+            return span[:i]
+        i += 1
+    return span
+
+
+def _cut_prose(span: str) -> tuple[str, bool]:
+    """Cut before the first English word (2+ letters outside braces, not a LaTeX command); says if it cut."""
+    depth = 0
+    i = 0
+    while i < len(span):
+        ch = span[i]
+        if ch == "\\":
+            m = re.match(r"\\[A-Za-z]+|\\.", span[i:])
+            i += len(m.group(0)) if m else 1
+            continue
+        if ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+        elif depth <= 0 and ch.isalpha():
+            m = _PROSE_WORD_RE.match(span, i)
+            if m:
+                return span[:i], True
+            i += 1
+            while i < len(span) and span[i].isalpha():
+                i += 1
+            continue
+        i += 1
+    return span, False
+
+
+def _canonical(answer: str) -> str:
+    """A plain number as digits ("1,234" -> "1234", "\\$18.90" -> "18.90", "50%" -> "50"); else unchanged."""
+    norm = _normalize(answer)
+    if _PLAIN_NUMBER_RE.fullmatch(norm):
+        return norm.replace(",", "").lstrip("+")
+    return answer
+
+
+def _cue_answer(text: str, start: int, colon: bool) -> str | None:
+    """The answer right after a cue, or None when what follows is not an answer (prose, a placeholder)."""
+    span = text[start:].split("\n", 1)[0].strip()
+    stripped = True
+    while stripped:
+        stripped = False
+        for opener in _OPENERS:
+            if span.startswith(opener):
+                span, stripped = span[len(opener) :].lstrip(), True
+    if re.match(r"\\(?:boxed|fbox)\s*\{", span):
+        content = _balanced(span, span.index("{"))
+        return _canonical(content.strip()) if content and content.strip() else None
+    span = _cut_closer(span)
+    m = _SENTENCE_END_RE.search(span)
+    if m:
+        span = span[: m.start()]
+    whole = span.strip().rstrip(".,;:!?* ")
+    expr, cut = _cut_prose(span)
+    expr = expr.strip().rstrip(".,;:!?* ")
+    if not expr:
+        # "Answer: Evelyn": a single word is an answer only after an explicit "Answer:".
+        if colon and re.fullmatch(r"[A-Za-z]+", whole):
+            return whole
+        return None
+    if cut and expr.isalpha():
+        return None  # "the answer is a simple sum": an article, not an answer
+    if not (expr[0].isalnum() or expr[0] in "-+.\\([{"):
+        return None  # "Answer: <number>" echoed from the instruction
+    if "=" in expr:
+        lhs, rhs = expr.rsplit("=", 1)
+        lhs, rhs = lhs.strip(), rhs.strip()
+        if _PLAIN_NUMBER_RE.fullmatch(rhs) and (_ARITHMETIC_RE.fullmatch(lhs) or re.fullmatch(r"[A-Za-z]", lhs)):
+            expr = rhs  # "7 * 5 = 35", "x = 5"
+    return _canonical(expr)
+
+
+def extract_answer(text: str) -> str | None:
+    """The final answer in ``text``: after the last answer cue, else the last ``\\boxed{}``, else the last number.
+
+    Cues are "Answer:", "answer is", "answer must be", "answer =" (any case; ``**``, ``$`` and
+    spaces around are skipped). Plain numbers come back as digits ("1,234" -> "1234", "-3",
+    "2.5"); anything else (MATH LaTeX) as written. None when the text has no answer.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a string, got {type(text).__name__}")
+    text = text.replace("\u2212", "-")
+    for m in reversed(list(_CUE_RE.finditer(text))):
+        answer = _cue_answer(text, m.end(), ":" in m.group("sep"))
+        if answer is not None:
+            return answer
+    boxed = _last_boxed(text)
+    if boxed is not None:
+        return _canonical(boxed)
+    numbers = _NUMBER_RE.findall(text)
+    return numbers[-1].replace(",", "") if numbers else None
+
+
+# --------------------------------------------------------------------------- comparison
+
+_FRAC_RE = re.compile(r"([+-]?)\\frac\{([+-]?\d+)\}\{([+-]?\d+)\}")
+_MIXED_RE = re.compile(r"(\d+)\\frac\{(\d+)\}\{(\d+)\}")
+_SLASH_RE = re.compile(r"([+-]?\d+)/([+-]?\d+)")
+_UNITS_RE = re.compile(r"(?<=\S)\s*\\(?:text|mbox|mathrm)\{\s*[A-Za-z][A-Za-z ]*\}(?:\^\{?\d\}?)?$")
+_WRAPPER_RE = re.compile(r"\\(?:text|textbf|mbox|mathrm|mathbf)\{([^{}]*)\}")
+
+
+def _normalize(s: str) -> str:
+    """MATH-style normal form: no spaces, \\left/\\right, $, units, degrees or percent signs; \\dfrac -> \\frac."""
+    s = s.strip().replace("\u2212", "-")
+    s = _UNITS_RE.sub("", s)
+    s = _WRAPPER_RE.sub(r"\1", s)
+    for old, new in (("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("\\left", ""), ("\\right", "")):
+        s = s.replace(old, new)
+    for junk in ("\\displaystyle", "\\!", "\\,", "\\;", "\\:", "\\ ", "\\$", "$", "^{\\circ}", "^\\circ", "°"):
+        s = s.replace(junk, "")
+    s = s.replace("\\%", "").replace("%", "")
+    s = re.sub(r"\s+", "", s)
+    s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", s)
+    s = re.sub(r"\\frac(\d)\{", r"\\frac{\1}{", s)
+    s = re.sub(r"\\frac\{([^{}]*)\}(\d)", r"\\frac{\1}{\2}", s)
+    s = re.sub(r"\\sqrt(\d+)", r"\\sqrt{\1}", s)
+    s = s.rstrip(".")
+    if s.count("=") == 1 and re.match(r"[A-Za-z]=", s):
+        s = s[2:]  # "x=5" -> "5"
+    return s
+
+
+def parse_number(text: str) -> Fraction | None:
+    """``text`` as an exact number: "12", "-3", "0.5", "1,234", "3/4", "\\frac{1}{2}", "1\\frac{4}{5}"; else None."""
+    s = _normalize(text)
+    if _PLAIN_NUMBER_RE.fullmatch(s):
+        return Fraction(s.replace(",", ""))
+    for regex in (_SLASH_RE, _FRAC_RE):
+        m = regex.fullmatch(s)
+        if m:
+            sign, num, den = ("", *m.groups()) if regex is _SLASH_RE else m.groups()
+            if int(den) == 0:
+                return None
+            value = Fraction(int(num), int(den))
+            return -value if sign == "-" else value
+    m = _MIXED_RE.fullmatch(s)
+    if m and int(m.group(3)) != 0:
+        return int(m.group(1)) + Fraction(int(m.group(2)), int(m.group(3)))
+    return None
+
+
+def answers_match(predicted: str | None, reference: str) -> bool:
+    """Whether an extracted answer equals the reference.
+
+    Numbers compare by value (integers exactly, others to a relative 1e-6; "12.0" == "12",
+    "3/4" == "0.75", but "0.5" != "50"); anything else compares as normalised LaTeX text.
+    """
+    if predicted is None:
+        return False
+    p, r = _normalize(predicted), _normalize(reference)
+    if not p:
+        return False
+    a, b = parse_number(p), parse_number(r)
+    if a is not None and b is not None:
+        if a == b:
+            return True
+        if a.denominator == 1 and b.denominator == 1:
+            return False
+        return math.isclose(float(a), float(b), rel_tol=1e-6)
+    return p == r
+
+
+def grade(problem: Problem, text: str) -> bool:
+    """Whether a model's output ``text`` states ``problem``'s answer (strict extraction, exact comparison)."""
+    return answers_match(extract_answer(text), problem.answer)
+
+
+def grade_all(problems: Sequence[Problem], texts: Sequence[str]) -> list[bool]:
+    """``grade`` for parallel lists of problems and outputs."""
+    if len(problems) != len(texts):
+        raise ValueError(f"{len(problems)} problems but {len(texts)} texts; they must pair up")
+    return [grade(p, t) for p, t in zip(problems, texts, strict=True)]
+
+
+__all__ = [
+    "DEFAULT_SUFFIX",
+    "SPLITS",
+    "TASK_NAMES",
+    "Problem",
+    "answers_match",
+    "available_problems",
+    "extract_answer",
+    "generate_problems",
+    "grade",
+    "grade_all",
+    "key_split",
+    "load_gsm8k",
+    "load_math",
+    "load_problems",
+    "load_svamp",
+    "parse_number",
+]
