@@ -11,9 +11,11 @@ On-disk format (``FORMAT_VERSION`` 1), in ``out_dir``:
   ``question``, ``answer`` (the reference), ``sample`` (index within its problem),
   ``prompt_token_ids``, ``token_ids``, ``text``, ``extracted`` (the answer read from the text, or
   null), ``correct``, ``mean_logprob``, ``finish_reason``, ``novelty_mean`` (mean Distiller
-  novelty, null with ESamp off), ``call`` and ``call_records`` (the engine call that made it and
-  how many records that call wrote), and when features are stored ``shard`` (path relative to
-  ``out_dir``), ``offset`` and ``length`` (its rows in the shard; ``length == len(token_ids)``).
+  novelty, null with ESamp off), ``logprobs`` (per token, under the model at temperature 1),
+  ``top_logprobs`` (per token, the ``sampling.top_logprobs`` highest logprobs; null when 0),
+  ``call`` and ``call_records`` (the engine call that made it and how many records that call
+  wrote), and when features are stored ``shard`` (path relative to ``out_dir``), ``offset`` and
+  ``length`` (its rows in the shard; ``length == len(token_ids)``).
 - ``shards/shard-NNNNN.safetensors``: one per engine call (NNNNN = ``call``), holding a single
   float16 tensor ``features`` ``[sum of T, dim]``: the call's candidates' token features, in
   record order, captured by :class:`~esamp_agents.features.TokenFeatureRecorder` during the
@@ -48,6 +50,7 @@ import torch
 from esamp_agents.engine import ESampEngine
 from esamp_agents.features import TokenFeatureRecorder, posthoc_features
 from esamp_agents.loading import LoadedModel
+from esamp_agents.logprob_features import LOGPROB_FLOOR
 from esamp_agents.params import ESampParams, SamplingParams
 from esamp_agents.results import Candidate
 from esamp_agents.reward_head import FeatureSpec, check_compatible
@@ -253,6 +256,11 @@ def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def _floor(value: float) -> float:
+    """JSON has no -inf: a token of probability 0 (only under filters) is stored at the feature floor."""
+    return value if math.isfinite(value) else LOGPROB_FLOOR
+
+
 def _record(problem: Problem, prompt_ids: list[int], cand: Candidate, call: int, call_records: int) -> dict[str, Any]:
     novelty = [v for v in (cand.novelty or []) if math.isfinite(v)]
     return {
@@ -270,6 +278,8 @@ def _record(problem: Problem, prompt_ids: list[int], cand: Candidate, call: int,
         "mean_logprob": _finite(cand.mean_logprob),
         "finish_reason": cand.finish_reason,
         "novelty_mean": sum(novelty) / len(novelty) if novelty else None,
+        "logprobs": [_floor(v) for v in cand.logprobs],
+        "top_logprobs": [[_floor(v) for _, v in alts] for alts in cand.top_logprobs] if cand.top_logprobs else None,
         "call": call,
         "call_records": call_records,
     }
