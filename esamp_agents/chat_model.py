@@ -20,6 +20,7 @@ from esamp_agents.langchain_common import (
     combine_usage,
     iterate_in_thread,
     prompt_usage,
+    split_observers,
 )
 from esamp_agents.loading import EMBEDDED, LoadedModel, load_model
 from esamp_agents.results import Candidate
@@ -82,6 +83,10 @@ class ChatESamp(ESampLangChainMixin, BaseChatModel):
     would replay the very same N samples, defeating diverse sampling. Pass ``cache=True``
     (or a cache object) to opt in.
 
+    A per-call ``observers=[DecodeObserver, ...]`` (``generate``/``invoke``/``stream``) reads
+    hidden states during that call's decode (requires caching off, the default); it is not
+    part of the identifying or traced invocation params.
+
     Tool calling and structured output are not supported (``bind_tools`` raises
     ``NotImplementedError``): a 135M model does not produce reliable tool calls.
 
@@ -122,6 +127,11 @@ class ChatESamp(ESampLangChainMixin, BaseChatModel):
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         return self._ls_params("chat", stop, kwargs)
 
+    def _get_invocation_params(self, stop: list[str] | None = None, **kwargs: Any) -> dict[str, Any]:
+        # Observer objects are per-call plumbing, not model parameters: keep them out of traces.
+        kwargs.pop("observers", None)
+        return super()._get_invocation_params(stop=stop, **kwargs)
+
     def _combine_llm_outputs(self, llm_outputs: list[dict[str, Any] | None], /) -> dict[str, Any]:
         return combine_usage(llm_outputs)
 
@@ -158,10 +168,13 @@ class ChatESamp(ESampLangChainMixin, BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
+        observers, kwargs = split_observers(kwargs)
         call = self._resolve_call(stop, kwargs)
         loaded = self._resolve_model(call.model_name)
         prompt = self.render_prompt(messages, call.model_name)
-        result = self._engine(loaded).generate([prompt], call.sampling, call.esamp, add_special_tokens=False)
+        result = self._engine(loaded).generate(
+            [prompt], call.sampling, call.esamp, observers=observers, add_special_tokens=False
+        )
         prompt_result = result[0]
         usage = prompt_usage(prompt_result)
         generations = [
@@ -186,22 +199,28 @@ class ChatESamp(ESampLangChainMixin, BaseChatModel):
         **kwargs: Any,
     ) -> ChatResult:
         # Validate on the event loop (cheap, fails fast); load and decode in a worker thread.
-        self._resolve_call(stop, kwargs)
+        self._resolve_call(stop, split_observers(kwargs)[1])
         sync_manager = run_manager.get_sync() if run_manager else None
         return await run_in_executor(None, self._generate, messages, stop, sync_manager, **kwargs)
 
     # -- streaming -------------------------------------------------------------------------
 
-    def _stream_call(self, stop: list[str] | None, kwargs: dict[str, Any]) -> CallConfig:
+    def _stream_call(self, stop: list[str] | None, kwargs: dict[str, Any]) -> tuple[CallConfig, tuple[Any, ...]]:
+        observers, kwargs = split_observers(kwargs)
         call = self._resolve_call(stop, kwargs)
         if call.sampling.n != 1:
             raise ValueError(f"n={call.sampling.n} cannot be streamed; allowed: n=1 (use generate() for N replies)")
-        return call
+        return call, observers
 
-    def _chunks(self, messages: list[BaseMessage], call: CallConfig) -> Iterator[ChatGenerationChunk]:
+    def _chunks(
+        self, messages: list[BaseMessage], call: CallConfig, observers: tuple[Any, ...] = ()
+    ) -> Iterator[ChatGenerationChunk]:
         loaded = self._resolve_model(call.model_name)
         prompt = self.render_prompt(messages, call.model_name)
-        for event in self._engine(loaded).stream(prompt, call.sampling, call.esamp, add_special_tokens=False):
+        events = self._engine(loaded).stream(
+            prompt, call.sampling, call.esamp, observers=observers, add_special_tokens=False
+        )
+        for event in events:
             if event.candidate is None:
                 if event.text:
                     yield ChatGenerationChunk(message=AIMessageChunk(content=event.text))
@@ -227,8 +246,8 @@ class ChatESamp(ESampLangChainMixin, BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
-        call = self._stream_call(stop, kwargs)
-        for chunk in self._chunks(messages, call):
+        call, observers = self._stream_call(stop, kwargs)
+        for chunk in self._chunks(messages, call, observers):
             if run_manager:
                 run_manager.on_llm_new_token(chunk.text, chunk=chunk)
             yield chunk
@@ -240,8 +259,8 @@ class ChatESamp(ESampLangChainMixin, BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
-        call = self._stream_call(stop, kwargs)
-        async for chunk in iterate_in_thread(lambda: self._chunks(messages, call)):
+        call, observers = self._stream_call(stop, kwargs)
+        async for chunk in iterate_in_thread(lambda: self._chunks(messages, call, observers)):
             if run_manager:
                 await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
             yield chunk

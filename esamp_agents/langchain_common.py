@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from langchain_core.caches import BaseCache
+from langchain_core.globals import get_llm_cache
 from langchain_core.language_models import LangSmithParams
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -72,6 +73,46 @@ _CALL_KEYS: dict[str, str] = {
     "warm_start_steps": "warm_start_steps",
     "warm_start_lr": "warm_start_lr",
 }
+
+
+def check_observers(observers: Any) -> tuple[Any, ...]:
+    """Validate a per-call ``observers`` value before any model work; ``None`` means none.
+
+    Each must look like a :class:`~esamp_agents.observers.DecodeObserver`: a ``layers``
+    sequence of ints and callable ``on_start``/``on_step``/``on_finish``.
+    """
+    if observers is None:
+        return ()
+    if isinstance(observers, (str, bytes)) or not isinstance(observers, (Sequence, set, frozenset)):
+        raise ValueError(
+            f"observers={observers!r} is not a sequence; allowed: a list or tuple of DecodeObserver objects"
+        )
+    checked = tuple(observers)
+    for i, obs in enumerate(checked):
+        name = type(obs).__name__
+        layers = getattr(obs, "layers", None)
+        if (
+            isinstance(layers, (str, bytes))
+            or not isinstance(layers, Sequence)
+            or not all(isinstance(layer, int) and not isinstance(layer, bool) for layer in layers)
+        ):
+            raise ValueError(f"observers[{i}] ({name}) has layers={layers!r}; allowed: a sequence of int layer indices")
+        missing = [m for m in ("on_start", "on_step", "on_finish") if not callable(getattr(obs, m, None))]
+        if missing:
+            raise ValueError(
+                f"observers[{i}] ({name}) lacks {', '.join(missing)}; allowed: a DecodeObserver "
+                "(layers, on_start, on_step, on_finish)"
+            )
+    return checked
+
+
+def split_observers(kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Per-call kwargs -> (validated observers, the other kwargs): observers never reach
+    parameter resolution, identifying params or tracing."""
+    if "observers" not in kwargs:
+        return (), kwargs
+    rest = dict(kwargs)
+    return check_observers(rest.pop("observers")), rest
 
 
 @dataclass(frozen=True)
@@ -237,6 +278,33 @@ class ESampLangChainMixin(BaseModel):
 
     def _engine(self, loaded: LoadedModel) -> Any:
         return engine_for(loaded)
+
+    # -- per-call observers -----------------------------------------------------------------
+
+    def _cache_enabled(self) -> bool:
+        if self.cache is False:
+            return False
+        return isinstance(self.cache, BaseCache) or get_llm_cache() is not None
+
+    def _check_call_observers(self, kwargs: dict[str, Any]) -> None:
+        """Fail before any callback or cache lookup: a cache hit would skip decoding, so the
+        observers would silently see nothing (or only the uncached prompts)."""
+        if check_observers(kwargs.get("observers")) and self._cache_enabled():
+            raise ValueError(
+                f"observers with cache={self.cache!r} (or a global LLM cache); allowed: cache=False "
+                "when passing observers (a cached reply is not decoded, so observers would see nothing)"
+            )
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """LangChain's ``generate``, plus a per-call ``observers=[DecodeObserver, ...]`` that
+        reads hidden states during this very decode (not part of the identifying params)."""
+        self._check_call_observers(kwargs)
+        return super().generate(*args, **kwargs)  # type: ignore[misc]
+
+    async def agenerate(self, *args: Any, **kwargs: Any) -> Any:
+        """Async ``generate``; accepts ``observers`` like :meth:`generate`."""
+        self._check_call_observers(kwargs)
+        return await super().agenerate(*args, **kwargs)  # type: ignore[misc]
 
     # -- LangChain plumbing shared by both classes ---------------------------------------
 
@@ -473,6 +541,7 @@ __all__ = [
     "ESampLangChainMixin",
     "TokenRenderer",
     "candidate_info",
+    "check_observers",
     "check_prompts",
     "combine_usage",
     "engine_for",
@@ -480,4 +549,5 @@ __all__ = [
     "openai_logprobs",
     "prompt_usage",
     "request_usage",
+    "split_observers",
 ]

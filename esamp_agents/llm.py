@@ -18,6 +18,7 @@ from esamp_agents.langchain_common import (
     check_prompts,
     iterate_in_thread,
     request_usage,
+    split_observers,
 )
 from esamp_agents.loading import EMBEDDED, LoadedModel, load_model
 
@@ -27,6 +28,8 @@ class ESampLLM(ESampLangChainMixin, BaseLLM):
 
     Weights load lazily on first use through the shared registry, so many instances naming
     the same model share one copy (and one lock: concurrent calls are serialised safely).
+    A per-call ``observers=[DecodeObserver, ...]`` (``generate``/``invoke``/``stream``) reads
+    hidden states during that call's decode (requires caching off, the default).
     ``invoke`` returns the first candidate only, as for every LangChain model; use
     ``generate`` to get all ``n`` per prompt (with per-candidate ``generation_info``:
     finish reason, token counts, mean logprob, ESamp novelty and, when asked, logprobs in
@@ -78,6 +81,7 @@ class ESampLLM(ESampLangChainMixin, BaseLLM):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> LLMResult:
+        observers, kwargs = split_observers(kwargs)
         call = self._resolve_call(stop, kwargs)
         check_prompts(prompts)
         loaded = self._resolve_model(call.model_name)
@@ -88,7 +92,9 @@ class ESampLLM(ESampLangChainMixin, BaseLLM):
                 info = {"prompt_index": prompt_index, "candidate_index": sample_index}
                 run_manager.on_llm_new_token(delta, chunk=GenerationChunk(text=delta, generation_info=info))
 
-        result = self._engine(loaded).generate(list(prompts), call.sampling, call.esamp, on_text=on_text)
+        result = self._engine(loaded).generate(
+            list(prompts), call.sampling, call.esamp, observers=observers, on_text=on_text
+        )
         renderer = TokenRenderer(loaded.tokenizer) if call.logprobs else None
         eos_ids = loaded.eos_token_ids
         generations = [
@@ -118,24 +124,25 @@ class ESampLLM(ESampLangChainMixin, BaseLLM):
         **kwargs: Any,
     ) -> LLMResult:
         # Validate on the event loop (cheap, fails fast); decode in a worker thread.
-        self._resolve_call(stop, kwargs)
+        self._resolve_call(stop, split_observers(kwargs)[1])
         check_prompts(prompts)
         sync_manager = run_manager.get_sync() if run_manager else None
         return await run_in_executor(None, self._generate, prompts, stop, sync_manager, **kwargs)
 
     # -- streaming -------------------------------------------------------------------------
 
-    def _stream_call(self, stop: list[str] | None, kwargs: dict[str, Any]) -> CallConfig:
+    def _stream_call(self, stop: list[str] | None, kwargs: dict[str, Any]) -> tuple[CallConfig, tuple[Any, ...]]:
+        observers, kwargs = split_observers(kwargs)
         call = self._resolve_call(stop, kwargs)
         if call.sampling.n != 1:
             raise ValueError(f"n={call.sampling.n} cannot be streamed; allowed: n=1 (use generate() for N candidates)")
-        return call
+        return call, observers
 
-    def _events(self, prompt: str, call: CallConfig) -> Iterator[GenerationChunk]:
+    def _events(self, prompt: str, call: CallConfig, observers: tuple[Any, ...] = ()) -> Iterator[GenerationChunk]:
         loaded = self._resolve_model(call.model_name)
         renderer = TokenRenderer(loaded.tokenizer) if call.logprobs else None
         eos_ids = loaded.eos_token_ids
-        for event in self._engine(loaded).stream(prompt, call.sampling, call.esamp):
+        for event in self._engine(loaded).stream(prompt, call.sampling, call.esamp, observers=observers):
             if event.candidate is None:
                 if event.text:
                     yield GenerationChunk(text=event.text)
@@ -152,9 +159,9 @@ class ESampLLM(ESampLangChainMixin, BaseLLM):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[GenerationChunk]:
-        call = self._stream_call(stop, kwargs)
+        call, observers = self._stream_call(stop, kwargs)
         check_prompts([prompt])
-        for chunk in self._events(prompt, call):
+        for chunk in self._events(prompt, call, observers):
             if run_manager:
                 run_manager.on_llm_new_token(chunk.text, chunk=chunk)
             yield chunk
@@ -166,9 +173,9 @@ class ESampLLM(ESampLangChainMixin, BaseLLM):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[GenerationChunk]:
-        call = self._stream_call(stop, kwargs)
+        call, observers = self._stream_call(stop, kwargs)
         check_prompts([prompt])
-        async for chunk in iterate_in_thread(lambda: self._events(prompt, call)):
+        async for chunk in iterate_in_thread(lambda: self._events(prompt, call, observers)):
             if run_manager:
                 await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
             yield chunk

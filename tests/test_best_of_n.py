@@ -1,0 +1,520 @@
+"""BestOfN: selection, strategies, failure policies, LangChain plumbing (fake models), and the
+decode-time reward path on the real embedded model (one engine call for all N)."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+import time
+from typing import Any
+
+import pytest
+from langchain_core.callbacks import BaseCallbackHandler
+from langchain_core.language_models import BaseChatModel
+from langchain_core.language_models.fake import FakeListLLM
+from langchain_core.language_models.fake_chat_models import FakeListChatModel
+from langchain_core.messages import AIMessage, BaseMessage
+from langchain_core.output_parsers import StrOutputParser
+from langchain_core.outputs import ChatGeneration, ChatResult
+from langchain_core.prompts import ChatPromptTemplate
+from pydantic import Field
+
+from esamp_agents.best_of_n import BestOfN, BestOfNError, BestOfNResult, RewardError
+from esamp_agents.rewards import CallableReward, ScoredCandidate
+
+# --------------------------------------------------------------------------- fakes
+
+
+class NChat(BaseChatModel):
+    """Like ChatOpenAI: an ``n`` field, N replies per call. Call ``k`` returns ``rounds[k]``."""
+
+    rounds: list[list[str]]
+    n: int = 1
+    calls: list[dict[str, Any]] = Field(default_factory=list)
+
+    @property
+    def _llm_type(self) -> str:
+        return "n-chat"
+
+    def _generate(
+        self, messages: list[BaseMessage], stop: Any = None, run_manager: Any = None, **kw: Any
+    ) -> ChatResult:
+        n = kw.get("n", self.n)
+        replies = self.rounds[min(len(self.calls), len(self.rounds) - 1)]
+        self.calls.append(dict(kw))
+        gens = [
+            ChatGeneration(message=AIMessage(replies[i % len(replies)]), generation_info={"finish_reason": "stop"})
+            for i in range(n)
+        ]
+        return ChatResult(generations=gens)
+
+
+class SlowChat(BaseChatModel):
+    """One reply per call, slowly; records the peak number of calls in flight (sync and async)."""
+
+    delay: float = 0.05
+    fail: bool = False
+    active: int = 0
+    peak: int = 0
+    count: int = 0
+
+    @property
+    def _llm_type(self) -> str:
+        return "slow-chat"
+
+    def _enter(self) -> int:
+        with _LOCK:
+            self.active += 1
+            self.peak = max(self.peak, self.active)
+            self.count += 1
+            return self.count
+
+    def _leave(self) -> None:
+        with _LOCK:
+            self.active -= 1
+
+    def _generate(
+        self, messages: list[BaseMessage], stop: Any = None, run_manager: Any = None, **kw: Any
+    ) -> ChatResult:
+        k = self._enter()
+        try:
+            time.sleep(self.delay)
+            if self.fail:
+                raise ConnectionError("the server is down")
+            return ChatResult(generations=[ChatGeneration(message=AIMessage(f"reply {k}"))])
+        finally:
+            self._leave()
+
+    async def _agenerate(
+        self, messages: list[BaseMessage], stop: Any = None, run_manager: Any = None, **kw: Any
+    ) -> ChatResult:
+        k = self._enter()
+        try:
+            await asyncio.sleep(self.delay)
+            return ChatResult(generations=[ChatGeneration(message=AIMessage(f"reply {k}"))])
+        finally:
+            self._leave()
+
+
+_LOCK = threading.Lock()
+
+
+class Recorder(BaseCallbackHandler):
+    """Records chat-model / LLM / chain starts with their parents and tags."""
+
+    def __init__(self) -> None:
+        self.model_starts: list[dict[str, Any]] = []
+        self.chains: list[dict[str, Any]] = []
+
+    def on_chat_model_start(self, serialized: Any, messages: Any, **kw: Any) -> None:
+        self.model_starts.append(kw)
+
+    def on_llm_start(self, serialized: Any, prompts: Any, **kw: Any) -> None:
+        self.model_starts.append(kw)
+
+    def on_chain_start(self, serialized: Any, inputs: Any, **kw: Any) -> None:
+        self.chains.append(kw)
+
+
+LENGTH = CallableReward(lambda q, text: len(text), name="length")
+
+
+def value_reward(name: str = "value") -> CallableReward:
+    """The number in the text (an 'Answer: x' or a bare number)."""
+    return CallableReward(lambda q, text: float(text.split()[-1]), name=name)
+
+
+def metadata(output: AIMessage) -> dict[str, Any]:
+    return output.response_metadata["best_of_n"]
+
+
+# --------------------------------------------------------------------------- selection and output
+
+
+def test_argmax_in_one_call_with_metadata():
+    model = NChat(rounds=[["Answer: 1", "Answer: 22", "so Answer: 3"]])
+    recorder = Recorder()
+    out = BestOfN(model, n=3, rewards=[LENGTH]).invoke("q", {"callbacks": [recorder]})
+    assert isinstance(out, AIMessage) and out.content == "so Answer: 3"
+    assert len(model.calls) == 1 and model.calls[0]["n"] == 3
+    assert len(recorder.model_starts) == 1
+    meta = metadata(out)
+    assert meta["chosen_index"] == 2 and meta["chosen_answer"] == "3" and meta["strategy"] == "argmax"
+    assert [c["index"] for c in meta["candidates"]] == [2, 1, 0]
+    assert [c["scores"]["length"] for c in meta["candidates"]] == [12.0, 10.0, 9.0]
+    assert meta["fused"] == meta["candidates"][0]["fused"] and meta["warnings"] == []
+    assert out.response_metadata["finish_reason"] == "stop"  # the candidate's own metadata is kept
+
+
+def test_llm_output_is_a_string_and_include_candidates_gives_everything():
+    llm = FakeListLLM(responses=["7", "Answer: 12", "x"])  # stateful: one call at a time keeps the order
+    assert BestOfN(llm, n=3, rewards=LENGTH, max_concurrency=1).invoke("q") == "Answer: 12"
+    result = BestOfN(llm, n=3, reward=LENGTH, include_candidates=True, max_concurrency=1).invoke("q")
+    assert isinstance(result, BestOfNResult) and result.output == "Answer: 12"
+    assert [c.index for c in result.candidates] == [1, 0, 2]
+    assert [c.rank for c in result.candidates] == [0, 1, 2]
+    assert result.chosen is result.candidates[0] and result.chosen.answer == "12"
+    assert all(isinstance(c, ScoredCandidate) and isinstance(c.output, str) for c in result.candidates)
+    assert result.metadata["chosen_index"] == 1
+
+
+def test_ties_go_to_the_lowest_index():
+    model = NChat(rounds=[["bb", "aa", "cc"]])
+    out = BestOfN(model, n=3, rewards=[LENGTH]).invoke("q")
+    assert out.content == "bb" and [c["index"] for c in metadata(out)["candidates"]] == [0, 1, 2]
+    out = BestOfN(model, n=3, rewards=[LENGTH], fusion="worst_rank").invoke("q")
+    assert out.content == "bb"
+
+
+def test_fusion_of_two_rewards_with_weights():
+    texts = ["Answer: 1", "Answer: 3", "long Answer: 2"]  # value [1, 3, 2], length [9, 9, 14]
+    model = NChat(rounds=[texts])
+    assert BestOfN(model, n=3, rewards=[value_reward(), LENGTH]).invoke("q").content == "long Answer: 2"
+    assert BestOfN(model, n=3, rewards=[value_reward(), LENGTH], weights=[3, 1]).invoke("q").content == "Answer: 3"
+    out = BestOfN(model, n=3, rewards=[value_reward(), LENGTH], fusion="minmax").invoke("q")
+    assert metadata(out)["fused"] == pytest.approx((0.5 + 1) / 2)
+
+
+# --------------------------------------------------------------------------- vote
+
+
+def test_reward_weighted_vote_beats_a_low_scored_majority():
+    texts = ["Answer: 7", "Answer: 7", "Answer: 7", "Answer: 9"]
+    scores = {"Answer: 7": 0.0, "Answer: 9": 10.0}
+    reward = CallableReward(lambda q, t: scores[t], name="judge")
+    model = NChat(rounds=[texts])
+    out = BestOfN(model, n=4, rewards=[reward], strategy="vote").invoke("q")
+    meta = metadata(out)
+    assert meta["chosen_answer"] == "9" and meta["chosen_index"] == 3
+    weights = {answer: w for answer, w, _ in meta["votes"]}
+    z = [-1 / math.sqrt(3)] * 3 + [math.sqrt(3)]  # z-scores of [0, 0, 0, 10]
+    exps = [math.exp(v) for v in z]
+    assert weights["9"] == pytest.approx(exps[3] / sum(exps))
+    # a flat softmax is a plain majority
+    flat = BestOfN(model, n=4, rewards=[reward], strategy="vote", vote_temperature=1000).invoke("q")
+    assert metadata(flat)["chosen_answer"] == "7" and metadata(flat)["chosen_index"] == 0
+
+
+def test_plain_majority_vote_without_rewards_and_no_answer_fallback():
+    model = NChat(rounds=[["Answer: 4", "no idea", "Answer: 5", "it is 5"]])
+    out = BestOfN(model, n=4, strategy="vote").invoke("q")
+    assert metadata(out)["chosen_answer"] == "5" and metadata(out)["chosen_index"] == 2
+    tie = BestOfN(NChat(rounds=[["Answer: 6", "Answer: 4"]]), n=2, strategy="vote").invoke("q")
+    assert metadata(tie)["chosen_answer"] == "6"  # equal weight: the best-ranked (index 0) wins
+    none = BestOfN(NChat(rounds=[["nothing", "at all!!"]]), n=2, rewards=[LENGTH], strategy="vote").invoke("q")
+    assert none.content == "at all!!" and "fell back to argmax" in metadata(none)["warnings"][0]
+
+
+def test_custom_answer_extractor():
+    model = NChat(rounds=[["Paris.", "paris", "Lyon"]])
+    out = BestOfN(model, n=3, strategy="vote", answer_extractor=lambda t: t.strip(".").lower()).invoke("q")
+    assert metadata(out)["chosen_answer"] == "paris"
+
+
+# --------------------------------------------------------------------------- threshold
+
+
+def test_threshold_stops_early():
+    model = NChat(rounds=[["1", "2"], ["5", "9"], ["10", "11"]])
+    out = BestOfN(model, n=2, rewards=[value_reward()], strategy="threshold", threshold=8, max_rounds=5).invoke("q")
+    meta = metadata(out)
+    assert out.content == "9" and len(model.calls) == 2
+    assert meta["rounds"] == 2 and meta["threshold_reached"] is True and meta["chosen_index"] == 3
+    assert sorted(c["index"] for c in meta["candidates"]) == [0, 1, 2, 3]
+
+
+def test_threshold_never_reached_returns_the_best_seen():
+    model = NChat(rounds=[["1", "2"], ["6", "3"], ["4", "5"]])
+    bon = BestOfN(model, n=2, rewards=[value_reward()], strategy="threshold", threshold=100, max_rounds=3)
+    out = bon.invoke("q")
+    assert out.content == "6" and len(model.calls) == 3
+    assert metadata(out)["threshold_reached"] is False and metadata(out)["rounds"] == 3
+    assert bon.max_rounds == 3 and bon.n == 2  # no instance mutation
+
+
+async def test_threshold_async_with_parallel_calls():
+    model = SlowChat(delay=0.01)
+    reward = CallableReward(lambda q, t: float(t.split()[-1]), name="k")
+    bon = BestOfN(model, n=3, rewards=[reward], strategy="threshold", threshold=5, max_rounds=4)
+    out = await bon.ainvoke("q")
+    assert metadata(out)["rounds"] == 2 and model.count == 6 and out.content == "reply 6"
+
+
+# --------------------------------------------------------------------------- parity, concurrency, streaming
+
+
+def test_async_parity_with_sync():
+    texts = ["Answer: 1", "Answer: 22", "so Answer: 3", "4"]
+    for strategy in ("argmax", "vote"):
+        sync = BestOfN(NChat(rounds=[texts]), n=4, rewards=[LENGTH], strategy=strategy).invoke("q")
+        asyn = asyncio.run(BestOfN(NChat(rounds=[texts]), n=4, rewards=[LENGTH], strategy=strategy).ainvoke("q"))
+        assert sync.content == asyn.content and metadata(sync) == metadata(asyn)
+
+
+@pytest.mark.parametrize("where", ["constructor", "config"])
+def test_parallel_calls_respect_max_concurrency(where):
+    model = SlowChat()
+    bon = BestOfN(model, n=6, rewards=[LENGTH], max_concurrency=2 if where == "constructor" else None)
+    config = {"max_concurrency": 2} if where == "config" else {}
+    out = bon.invoke("q", config)
+    assert model.count == 6 and model.peak == 2
+    assert out.content.startswith("reply")
+
+
+async def test_async_parallel_calls_respect_max_concurrency():
+    model = SlowChat()
+    await BestOfN(model, n=6, rewards=[LENGTH], max_concurrency=3).ainvoke("q")
+    assert model.count == 6 and model.peak == 3
+
+
+def test_stream_batch_and_chain():
+    texts = ["Answer: 1", "Answer: 22"]
+    bon = BestOfN(NChat(rounds=[texts]), n=2, rewards=[LENGTH])
+    chunks = list(bon.stream("q"))
+    assert len(chunks) == 1 and chunks[0].content == "Answer: 22"
+    assert [o.content for o in bon.batch(["a", "b"])] == ["Answer: 22", "Answer: 22"]
+    chain = ChatPromptTemplate.from_messages([("human", "{q}")]) | bon | StrOutputParser()
+    assert chain.invoke({"q": "What?"}) == "Answer: 22"
+    assert list(chain.stream({"q": "What?"})) == ["Answer: 22"]
+
+
+async def test_astream_and_abatch():
+    bon = BestOfN(NChat(rounds=[["a", "bbb"]]), n=2, rewards=[LENGTH])
+    assert [c.content async for c in bon.astream("q")] == ["bbb"]
+    assert [o.content for o in await bon.abatch(["x", "y"])] == ["bbb", "bbb"]
+
+
+def test_bound_model_is_still_one_call():
+    model = NChat(rounds=[["a", "bbb"]])
+    out = BestOfN(model.bind(temperature=0.3), n=2, rewards=[LENGTH]).invoke("q")
+    assert out.content == "bbb" and model.calls == [{"temperature": 0.3, "n": 2}]
+
+
+# --------------------------------------------------------------------------- callbacks and config
+
+
+def test_callbacks_see_child_runs_and_tags_propagate():
+    recorder = Recorder()
+    model = SlowChat(delay=0)
+    config = {"callbacks": [recorder], "tags": ["outer"], "metadata": {"user": "u1"}}
+    BestOfN(model, n=3, rewards=[LENGTH]).invoke("q", config)
+    root = next(c for c in recorder.chains if c.get("name") == "BestOfN")
+    assert root["parent_run_id"] is None
+    assert len(recorder.model_starts) == 3
+    for start in recorder.model_starts:
+        assert start["parent_run_id"] == root["run_id"]
+        assert "outer" in start["tags"] and start["metadata"]["user"] == "u1"
+    reward_run = next(c for c in recorder.chains if c.get("name") == "reward:length")
+    assert reward_run["parent_run_id"] == root["run_id"] and "outer" in reward_run["tags"]
+
+
+async def test_async_callbacks_see_child_runs():
+    recorder = Recorder()
+    model = NChat(rounds=[["a", "bb"]])
+    await BestOfN(model, n=2, rewards=[LENGTH]).ainvoke("q", {"callbacks": [recorder], "tags": ["t"]})
+    root = next(c for c in recorder.chains if c.get("name") == "BestOfN")
+    assert len(recorder.model_starts) == 1
+    assert recorder.model_starts[0]["parent_run_id"] == root["run_id"] and "t" in recorder.model_starts[0]["tags"]
+    assert any(c.get("name") == "reward:length" for c in recorder.chains)
+
+
+# --------------------------------------------------------------------------- failures
+
+
+def test_nan_scores_rank_worst_with_a_warning():
+    reward = CallableReward(lambda q, t: math.nan if t == "best?" else len(t), name="flaky")
+    out = BestOfN(NChat(rounds=[["best?", "ok", "okay"]]), n=3, rewards=[reward]).invoke("q")
+    meta = metadata(out)
+    assert out.content == "okay" and meta["candidates"][-1]["index"] == 0
+    assert any("non-finite" in w and "flaky" in w for w in meta["warnings"])
+
+
+def test_every_score_non_finite_is_an_error():
+    reward = CallableReward(lambda q, t: math.inf, name="broken")
+    with pytest.raises(BestOfNError, match="non-finite"):
+        BestOfN(NChat(rounds=[["a", "b"]]), n=2, rewards=[reward]).invoke("q")
+
+
+def test_reward_errors_raise_or_skip():
+    def boom(q: Any, t: str) -> float:
+        raise KeyError("no such key")
+
+    failing = CallableReward(boom, name="boom")
+    model = NChat(rounds=[["a", "bb"]])
+    with pytest.raises(RewardError, match="reward 'boom' failed: KeyError"):
+        BestOfN(model, n=2, rewards=[LENGTH, failing]).invoke("q")
+    out = BestOfN(model, n=2, rewards=[LENGTH, failing], on_reward_error="skip").invoke("q")
+    assert out.content == "bb" and "reward 'boom' skipped" in metadata(out)["warnings"][0]
+    assert "boom" not in metadata(out)["candidates"][0]["scores"]
+    with pytest.raises(BestOfNError, match="every reward failed"):
+        BestOfN(model, n=2, rewards=[failing], on_reward_error="skip").invoke("q")
+    short = CallableReward(lambda q, t: 1.0, name="ok")
+    short.score = lambda q, cs: [1.0]  # type: ignore[method-assign]
+    with pytest.raises(RewardError, match="returned 1 scores for 2 candidates"):
+        BestOfN(model, n=2, rewards=[short]).invoke("q")
+
+
+async def test_async_reward_error_names_the_reward():
+    failing = CallableReward(lambda q, t: 1 / 0, name="div")
+    with pytest.raises(RewardError, match=r"'div'.*ZeroDivisionError"):
+        await BestOfN(NChat(rounds=[["a"]]), n=1, rewards=[failing]).ainvoke("q")
+
+
+def test_every_candidate_failing_names_the_cause():
+    with pytest.raises(BestOfNError, match="all 3 candidates failed; first error: ConnectionError: the server is down"):
+        BestOfN(SlowChat(delay=0, fail=True), n=3, rewards=[LENGTH]).invoke("q")
+
+
+def test_some_candidates_failing_leaves_the_others():
+    class Flaky(FakeListChatModel):
+        def _call(self, *args: Any, **kwargs: Any) -> str:
+            reply = super()._call(*args, **kwargs)
+            if reply == "fail":
+                raise TimeoutError("slow")
+            return reply
+
+    model = Flaky(responses=["fail", "ok", "longer"])
+    out = BestOfN(model, n=3, rewards=[LENGTH], max_concurrency=1).invoke("q")
+    meta = metadata(out)
+    assert out.content == "longer" and len(meta["candidates"]) == 2
+    assert meta["warnings"] == ["candidate 0 failed: TimeoutError: slow"]
+
+
+# --------------------------------------------------------------------------- construction
+
+
+class ObserverOnly:
+    name = "hidden"
+
+    def make_observer(self, loaded: Any) -> Any:
+        return NormObserver()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"n": 0}, r"n=0 is out of range; allowed: an int n >= 1"),
+        ({"weights": [1, 2]}, r"weights has 2 value\(s\) for 1 reward"),
+        ({"fusion": "sum"}, r"fusion='sum' is unknown; allowed: 'zscore', 'minmax', 'worst_rank'"),
+        ({"strategy": "best"}, r"strategy='best' is unknown"),
+        ({"strategy": "threshold"}, r"threshold=None with strategy='threshold'"),
+        ({"threshold": 1.0}, r"threshold only with strategy='threshold'"),
+        ({"strategy": "threshold", "threshold": 1, "max_rounds": 0}, r"max_rounds=0 is out of range"),
+        ({"max_concurrency": 0}, r"max_concurrency=0 is out of range"),
+        ({"on_reward_error": "ignore"}, r"on_reward_error='ignore' is unknown"),
+        ({"rewards": []}, r"no rewards with strategy='argmax'"),
+        ({"rewards": [LENGTH, LENGTH]}, r"reward name 'length' appears twice"),
+        ({"rewards": [ObserverOnly()]}, r"decode-time only .* works only with ESampLLM/ChatESamp"),
+        ({"rewards": [object()]}, r"has no name"),
+        ({"vote_temperature": 0}, r"vote_temperature=0"),
+    ],
+)
+def test_bad_construction(kwargs, message):
+    kwargs = {"rewards": [LENGTH], **kwargs}
+    with pytest.raises(ValueError, match=message):
+        BestOfN(NChat(rounds=[["a"]]), **kwargs)
+
+
+def test_model_must_be_a_runnable():
+    with pytest.raises(ValueError, match="not a LangChain model"):
+        BestOfN("gpt-4", rewards=[LENGTH])
+
+
+# --------------------------------------------------------------------------- embedded model: decode-time reward
+
+
+class NormObserver:
+    """Test-only decode-time reward: the mean L2 norm of each candidate's final-layer states."""
+
+    layers = (-1,)
+
+    def on_start(self, num_prompts: int, samples_per_prompt: int, hidden_size: int) -> None:
+        import torch
+
+        self.n, self.p = samples_per_prompt, num_prompts
+        self.sums = torch.zeros(num_prompts * samples_per_prompt, dtype=torch.float64)
+        self.counts = torch.zeros_like(self.sums)
+        self.steps = 0
+
+    def on_step(self, step: int, hidden: dict[int, Any], token_ids: Any, live: Any) -> None:
+        norms = hidden[-1].double().norm(dim=-1)
+        self.sums += norms * live
+        self.counts += live
+        self.steps += 1
+
+    def on_finish(self) -> None:
+        pass
+
+    def rewards(self) -> list[list[float]]:
+        flat = (self.sums / self.counts.clamp(min=1)).tolist()
+        return [flat[i * self.n : (i + 1) * self.n] for i in range(self.p)]
+
+
+class NormReward:
+    """Decode-time only; keeps its observers so the test can compare."""
+
+    name = "norm"
+
+    def __init__(self) -> None:
+        self.observers: list[NormObserver] = []
+
+    def make_observer(self, loaded: Any) -> NormObserver:
+        assert loaded.hidden_size > 0
+        obs = NormObserver()
+        self.observers.append(obs)
+        return obs
+
+
+@pytest.mark.model
+def test_esamp_decode_time_reward_in_one_engine_call(embedded, monkeypatch):
+    from esamp_agents.chat_model import ChatESamp
+    from esamp_agents.engine import ESampEngine
+
+    engine_calls: list[int] = []
+    original = ESampEngine.generate
+
+    def counting(self: Any, prompts: Any, sampling: Any = None, *args: Any, **kwargs: Any) -> Any:
+        engine_calls.append(sampling.n)
+        return original(self, prompts, sampling, *args, **kwargs)
+
+    monkeypatch.setattr(ESampEngine, "generate", counting)
+    chat = ChatESamp(loaded_model=embedded, max_tokens=12, seed=0, temperature=0.9)
+    reward = NormReward()
+    recorder = Recorder()
+    bon = BestOfN(chat, n=4, rewards=[reward, LENGTH], include_candidates=True)
+    result = bon.invoke("What is 7 + 5?", {"callbacks": [recorder]})
+    assert engine_calls == [4] and len(recorder.model_starts) == 1
+    assert "observers" not in recorder.model_starts[0]["invocation_params"]
+    (obs,) = reward.observers
+    assert obs.steps >= 1
+    observed = obs.rewards()[0]
+    assert len(result.candidates) == 4
+    for c in result.candidates:
+        assert c.scores["norm"] == pytest.approx(observed[c.index])
+        assert isinstance(c.output, AIMessage) and c.generation_info["candidate_index"] == c.index
+    assert isinstance(result.output, AIMessage)
+    assert result.output.response_metadata["best_of_n"]["chosen_index"] == result.chosen.index
+    assert not any(c.get("name") == "reward:norm" for c in recorder.chains)  # scored during decoding
+
+
+@pytest.mark.model
+def test_esamp_observers_keyword_is_validated(embedded):
+    from langchain_core.caches import InMemoryCache
+    from langchain_core.messages import HumanMessage
+
+    from esamp_agents.chat_model import ChatESamp
+    from esamp_agents.llm import ESampLLM
+
+    chat = ChatESamp(loaded_model=embedded, max_tokens=4, seed=0)
+    with pytest.raises(ValueError, match=r"observers=.*is not a sequence"):
+        chat.invoke("hi", observers=NormObserver())
+    with pytest.raises(ValueError, match=r"observers\[0\] \(object\) has layers=None"):
+        chat.generate([[HumanMessage("hi")]], observers=[object()])
+    cached = ChatESamp(loaded_model=embedded, max_tokens=4, seed=0, cache=InMemoryCache())
+    with pytest.raises(ValueError, match="allowed: cache=False when passing observers"):
+        cached.invoke("hi", observers=[NormObserver()])
+    obs = NormObserver()
+    llm = ESampLLM(loaded_model=embedded, max_tokens=4, seed=0)
+    result = llm.generate(["The capital of France is"], n=2, observers=[obs])
+    assert len(obs.rewards()[0]) == 2 and len(result.generations[0]) == 2
