@@ -298,7 +298,8 @@ def main(argv: list[str] | None = None) -> None:
     groups = groups_from(tests, scores)
     head_names = [n for n in scores if n != "mean_logprob"]
     selectors = ["random", "majority", "argmax:mean_logprob"]
-    selectors += [f"argmax:{n}" for n in head_names] + [f"vote:{n}" for n in head_names] + ["oracle"]
+    selectors += [f"argmax:{n}" for n in head_names] + [f"vote:{n}" for n in head_names]
+    selectors += [f"zvote:{n}" for n in head_names] + ["oracle"]
     bon = best_of_n(groups, selectors, args.ks, matches=answers_match, draws=args.draws, seed=args.seed)
 
     eff: dict[str, Any] = {}
@@ -339,12 +340,20 @@ def main(argv: list[str] | None = None) -> None:
         "generation_seconds_per_token": gen_seconds_per_token,
     }
     atomic_write_json(args.work_dir / "results.json", result)
+    # per-candidate scores, so other selectors can be evaluated later without re-running anything
+    atomic_write_json(
+        args.work_dir / "scores.json",
+        [{"problem_id": r["problem_id"], "correct": r["correct"], "extracted": r["extracted"], "answer": r["answer"],
+          **{k: v[i] for k, v in scores.items()}} for i, r in enumerate(tests)],
+    )  # fmt: skip
 
     names = {"random": "random pick", "majority": "majority vote", "argmax:mean_logprob": "mean token logprob"}
     for n in head_names:
         names[f"argmax:{n}"] = f"ELHSR {n}"
     for n in head_names:
         names[f"vote:{n}"] = f"ELHSR-weighted vote {n}"
+    for n in head_names:
+        names[f"zvote:{n}"] = f"BestOfN vote (softmax-z) {n}"
     names["oracle"] = "oracle (any correct)"
     print("\n" + table(bon, args.ks, names))
     print(f"\nper-sample accuracy {100 * result['test']['per_sample_accuracy']:.1f}%, "

@@ -15,6 +15,9 @@ Selectors:
 - ``argmax:<score>``: the candidate with the highest score (ties: the first drawn);
 - ``vote:<score>``: answers weighted by ``sigmoid(score)`` (a BCE-trained reward is a logit
   of "correct"), the heaviest answer wins;
+- ``zvote:<score>``: answers weighted by ``softmax(z(score))`` within the subset, as
+  :class:`~esamp_agents.best_of_n.BestOfN`'s ``vote`` strategy does with one reward and
+  ``vote_temperature=1`` (it needs no calibrated reward);
 - ``oracle``: 1 if any candidate of the subset is correct (pass@k without the estimator).
 """
 
@@ -95,7 +98,17 @@ def select_accuracy(
     if kind == "vote":
         weights = [_sigmoid(float(s)) if math.isfinite(s) else 0.0 for s in scores]
         return float(matches(_vote(idx, group.answers, weights, rng), group.reference))
-    raise ValueError(f"unknown selector {selector!r}; allowed: random, majority, oracle, argmax:<score>, vote:<score>")
+    if kind == "zvote":
+        sub = np.where(np.isfinite(scores[idx]), scores[idx], np.nan)
+        sub = np.nan_to_num(sub, nan=np.nanmin(sub) if np.isfinite(sub).any() else 0.0)
+        std = sub.std()
+        z = (sub - sub.mean()) / std if std > 1e-12 else np.zeros_like(sub)
+        w = np.exp(z - z.max())
+        weights = np.zeros(len(scores))
+        weights[idx] = w / w.sum()
+        return float(matches(_vote(idx, group.answers, list(weights), rng), group.reference))
+    allowed = "random, majority, oracle, argmax:<score>, vote:<score>, zvote:<score>"
+    raise ValueError(f"unknown selector {selector!r}; allowed: {allowed}")
 
 
 def best_of_n(

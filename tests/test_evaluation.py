@@ -29,6 +29,8 @@ def test_selectors_on_all_candidates():
     assert select_accuracy(GROUP, "argmax:lp", idx, rng, eq) == 0.0
     # weights sigmoid(r): "4" has 0.88 + 0.62 > "3" with 0.52 + 0.27
     assert select_accuracy(GROUP, "vote:r", idx, rng, eq) == 1.0
+    assert select_accuracy(GROUP, "zvote:r", idx, rng, eq) == 1.0
+    assert select_accuracy(GROUP, "zvote:lp", idx, rng, eq) == 0.0  # logprob favours the wrong "3"
 
 
 def test_majority_tie_is_broken_at_random_but_seeded():
