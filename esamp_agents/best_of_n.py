@@ -335,6 +335,10 @@ class BestOfN(RunnableSerializable[Any, Any]):
         call = {**bound, **kwargs, "n": self.n}
         if any(getattr(r, "needs_logprobs", False) for r in self.rewards):
             call["logprobs"] = True
+            # a logprob reward reads the top alternatives too (e.g. 20 for the shipped design)
+            top = max((int(getattr(r, "top_logprobs", 0) or 0) for r in self.rewards), default=0)
+            if top:
+                call.setdefault("top_logprobs", top)
         observed: list[Any] = []
         if _is_esamp(base):
             if isinstance(base, BaseChatModel):
