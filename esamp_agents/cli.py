@@ -1,4 +1,6 @@
-"""Command line: ``esamp-agents generate`` samples N candidates per prompt, ``esamp-agents demo`` runs the demo.
+"""Command line: ``generate`` samples N candidates per prompt, ``demo`` runs the demo; the reward
+commands (``collect``, ``train-reward``, ``score``) live in :mod:`esamp_agents.cli_reward`, ``serve`` in
+:mod:`esamp_agents.server` and ``eval`` in :mod:`esamp_agents.eval_harness`.
 
 Every argument is validated (by :class:`SamplingParams` / :class:`ESampParams` and the
 checks here) before the model loads, so a typo costs no load time. Errors print one
@@ -17,9 +19,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from esamp_agents.cli_reward import COMMANDS as REWARD_COMMANDS
+from esamp_agents.cli_reward import add_reward_commands
+from esamp_agents.eval_harness import add_eval_command, run_eval_command
 from esamp_agents.loading import EMBEDDED, LoadedModel, ModelLoadError, load_model
 from esamp_agents.params import ESampParams, SamplingParams
 from esamp_agents.results import Candidate, GenerationResult
+from esamp_agents.server import add_serve_command, run_serve
 
 PROG = "esamp-agents"
 DEFAULT_MAX_TOKENS = 128
@@ -59,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Exploratory Sampling (ESamp) of N diverse candidates from a local causal LM.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="{generate,demo}")
+    sub = parser.add_subparsers(dest="command", metavar="{generate,demo,collect,train-reward,score,serve,eval}")
     sub.required = True
 
     g = sub.add_parser(
@@ -113,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser(
         "demo",
-        help="arithmetic demo: N ESamp candidates per question, majority vote",
+        help="arithmetic demo: N ESamp candidates per question, chosen by the shipped reward head",
         description="Ask seeded single-digit arithmetic questions, sample N candidates each with ESamp "
         "in one engine call, and pick an answer per question.",
     )
@@ -123,8 +129,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--temperature", type=float, default=SamplingParams.temperature, help="default 0.7")
     d.add_argument("--max-tokens", type=int, default=64, help="new tokens per candidate (default 64)")
     d.add_argument("--seed", type=int, default=0, help="seed for the questions and the sampling (default 0)")
-    d.add_argument("--chooser", default="majority", help="how to pick the answer: majority or logprob")
+    d.add_argument(
+        "--chooser",
+        default="reward-vote",
+        help="how to pick the answer: reward-vote (default: votes weighted by the shipped reward head), "
+        "reward (the head's top candidate), majority, or logprob",
+    )
     _add_model_args(d)
+    add_reward_commands(sub, _add_model_args)
+    add_serve_command(sub, _add_model_args)
+    add_eval_command(sub, _add_model_args)
     return parser
 
 
@@ -312,6 +326,12 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int
     try:
         if args.command == "generate":
             return run_generate(args, out)
+        if args.command == "serve":
+            return run_serve(args, out)
+        if args.command == "eval":
+            return run_eval_command(args, out)
+        if args.command in REWARD_COMMANDS:
+            return REWARD_COMMANDS[args.command](args, out)
         return run_demo_command(args, out)
     except (ValueError, ModelLoadError) as exc:
         print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)

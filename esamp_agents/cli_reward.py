@@ -1,0 +1,192 @@
+"""Command line for the hidden-state reward: ``collect``, ``train-reward`` and ``score``.
+
+    esamp-agents collect --task single_digit:240:0:train --out data/train -n 8
+    esamp-agents train-reward data/train --layers every4 --out my-head.safetensors
+    esamp-agents score --head shipped --prompt "What is 2 + 3?" "Answer: 5" "Answer: 6"
+
+Values are validated before the model loads; errors print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any, TextIO
+
+from esamp_agents.params import ESampParams, SamplingParams
+
+LOSSES = ("bce", "bradley_terry", "hinge")
+
+
+def parse_layers(text: str, num_layers: int) -> list[int] | str:
+    """'all', 'every4' (every 4th block + the final norm), 'final', or a comma list of indices."""
+    if text == "all":
+        return "all"
+    if text == "every4":
+        return sorted({*range(4, num_layers + 1, 4), num_layers})
+    if text == "final":
+        return [num_layers]
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as exc:
+        raise ValueError(
+            f"--layers={text!r} is not understood; allowed: all, every4, final, or comma-separated indices"
+        ) from exc
+
+
+def add_reward_commands(sub: Any, add_model_args: Any) -> None:
+    """Register the three subcommands on the main parser's subparsers."""
+    c = sub.add_parser(
+        "collect",
+        help="sample and grade candidates for reward training (resumable)",
+        description="Sample N candidates per problem, grade them, and store tokens, labels (and features) "
+        "in a resumable folder (format: esamp_agents.collect).",
+    )
+    c.add_argument("--task", required=True, help="TASK:COUNT[:SEED[:SPLIT]] (e.g. single_digit:240:0:train) "
+                   "or gsm8k:PATH / svamp:PATH / math:PATH")  # fmt: skip
+    c.add_argument("--out", type=Path, required=True, help="output folder (resumed if it exists)")
+    c.add_argument("-n", type=int, default=8, help="candidates per problem (default 8)")
+    c.add_argument("--temperature", type=float, default=0.7)
+    c.add_argument("--max-tokens", type=int, default=64)
+    c.add_argument("--beta", type=float, default=0.0, help="ESamp strength for the candidates (default 0 = plain)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--layers", default="none",
+                   help="store features of these layers while decoding: none (tokens only; features are "
+                   "recomputed at training time), all, every4, final, or indices")  # fmt: skip
+    c.add_argument("--prompts-per-call", type=int, default=4)
+    add_model_args(c)
+
+    t = sub.add_parser(
+        "train-reward",
+        help="train a hidden-state reward head on collected data",
+        description="Fit a gated linear reward head (ELHSR) on a folder written by 'collect' and save it "
+        "as safetensors with its metadata.",
+    )
+    t.add_argument("data", type=Path, help="folder written by 'esamp-agents collect'")
+    t.add_argument("--out", type=Path, required=True, help="checkpoint to write (.safetensors)")
+    t.add_argument("--layers", default="every4", help="all, every4 (default), final, or comma-separated indices")
+    t.add_argument("--loss", default="bce", choices=LOSSES)
+    t.add_argument("--epochs", type=int, default=40)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--val-fraction", type=float, default=0.2)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--no-gate", action="store_true", help="plain mean of token rewards instead of the gated mean")
+    t.add_argument("--no-standardize", action="store_true", help="skip per-feature standardisation")
+    add_model_args(t)
+
+    s = sub.add_parser(
+        "score",
+        help="score responses to a prompt with a reward head",
+        description="Score (prompt, response) pairs post hoc with a hidden-state reward head.",
+    )
+    s.add_argument("responses", nargs="*", help="responses to score (or use --pairs)")
+    s.add_argument("--prompt", default=None, help="the prompt the responses answer")
+    s.add_argument("--pairs", type=Path, default=None, help="JSONL with 'prompt' and 'response' fields")
+    s.add_argument("--head", default="shipped", help="'shipped' (the embedded model's head) or a checkpoint path")
+    s.add_argument("--json", action="store_true", help="print JSON")
+    add_model_args(s)
+
+
+def _load(args: argparse.Namespace) -> Any:
+    from esamp_agents.loading import load_model
+
+    return load_model(args.model, device=args.device, dtype=args.dtype)
+
+
+def run_collect(args: argparse.Namespace, out: TextIO) -> int:
+    from esamp_agents.collect import collect
+    from esamp_agents.engine import ESampEngine
+    from esamp_agents.features import hidden_spec
+    from esamp_agents.tasks import load_problems
+
+    for name in ("n", "prompts_per_call"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} is out of range; allowed: >= 1")
+    sampling = SamplingParams(n=args.n, max_new_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
+    esamp = ESampParams(beta=args.beta)
+    try:
+        problems = load_problems(args.task)
+    except FileNotFoundError as exc:
+        raise ValueError(f"--task={args.task!r}: {exc}") from exc
+    loaded = _load(args)
+    spec = None if args.layers == "none" else hidden_spec(loaded, parse_layers(args.layers, loaded.num_layers))
+    summary = collect(
+        ESampEngine(loaded), problems, args.out, sampling=sampling, esamp=esamp, spec=spec,
+        prompts_per_call=args.prompts_per_call,
+    )  # fmt: skip
+    print(summary, file=out)
+    return 0
+
+
+def run_train_reward(args: argparse.Namespace, out: TextIO) -> int:
+    from esamp_agents.collect import load_examples
+    from esamp_agents.features import hidden_spec
+    from esamp_agents.reward_head import save_head
+    from esamp_agents.reward_training import fit
+
+    if not (args.data / "manifest.json").is_file():
+        raise ValueError(f"{args.data} is not a folder written by 'esamp-agents collect' (no manifest.json)")
+    if args.out.suffix != ".safetensors":
+        raise ValueError(f"--out={str(args.out)!r} must end in .safetensors")
+    loaded = _load(args)
+    spec = hidden_spec(loaded, parse_layers(args.layers, loaded.num_layers))
+    examples = load_examples(args.data, loaded=loaded, spec=spec)
+    result = fit(
+        examples, spec, loss=args.loss, gate=not args.no_gate, standardize=not args.no_standardize,
+        epochs=args.epochs, lr=args.lr, val_fraction=args.val_fraction, seed=args.seed, progress=True,
+    )  # fmt: skip
+    path = save_head(result.head, args.out)
+    print(json.dumps(result.summary, indent=2, default=str), file=out)
+    print(f"wrote {path} ({result.head.num_parameters} parameters)", file=out)
+    return 0
+
+
+def _read_pairs(path: Path) -> list[tuple[str, str]]:
+    pairs = []
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                pairs.append((str(row["prompt"]), str(row["response"])))
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise ValueError(f"{path}:{number}: need a JSON object with 'prompt' and 'response' ({exc})") from exc
+    if not pairs:
+        raise ValueError(f"{path} has no pairs")
+    return pairs
+
+
+def run_score(args: argparse.Namespace, out: TextIO) -> int:
+    from esamp_agents.hidden_reward import HiddenStateReward, shipped_head_path
+
+    if args.pairs is not None:
+        if args.responses or args.prompt is not None:
+            raise ValueError("give either --pairs FILE or --prompt with responses, not both")
+        pairs = _read_pairs(args.pairs)
+    else:
+        if args.prompt is None or not args.responses:
+            raise ValueError("give --prompt and at least one response (or --pairs FILE)")
+        pairs = [(args.prompt, r) for r in args.responses]
+    head = shipped_head_path() if args.head == "shipped" else Path(args.head)
+    if not head.is_file():
+        raise ValueError(f"--head={args.head!r}: no such file")
+    reward = HiddenStateReward(head, _load(args))
+    rewards = []
+    for prompt in dict.fromkeys(p for p, _ in pairs):
+        responses = [r for p, r in pairs if p == prompt]
+        rewards.extend(zip([prompt] * len(responses), responses, reward.score_texts(prompt, responses), strict=True))
+    if args.json:
+        json.dump([{"prompt": p, "response": r, "reward": s} for p, r, s in rewards], out, indent=2)
+        print(file=out)
+    else:
+        for p, r, s in rewards:
+            flat = " ".join(r.split())
+            print(f"{s:+.4f}  {flat[:70]}{'...' if len(flat) > 70 else ''}   <- {' '.join(p.split())[:40]}", file=out)
+    return 0
+
+
+COMMANDS = {"collect": run_collect, "train-reward": run_train_reward, "score": run_score}
+
+__all__ = ["COMMANDS", "add_reward_commands", "parse_layers"]
