@@ -17,6 +17,9 @@ from typing import Any
 
 import pytest
 import torch
+from langchain_core.messages import AIMessage, HumanMessage
+from langchain_core.outputs import ChatGeneration, ChatResult, Generation, LLMResult
+
 from esamp_agents.adapters import openai_logprobs as logprob_reward
 from esamp_agents.adapters.openai_logprobs import (
     LogprobReward,
@@ -32,9 +35,6 @@ from esamp_agents.adapters.openai_logprobs import (
     read_candidates,
     sample_with_logprobs,
 )
-from langchain_core.messages import AIMessage, HumanMessage
-from langchain_core.outputs import ChatGeneration, ChatResult, Generation, LLMResult
-
 from esamp_agents.logprob_features import LogprobsMissingError
 from esamp_agents.reward_head import FeatureSpec, GatedLinearHead, IncompatibleHeadError, save_head
 
