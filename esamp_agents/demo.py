@@ -1,15 +1,16 @@
 """The demo: sample N ESamp candidates per arithmetic question in one engine call, then choose.
 
-Questions are seeded single-digit sums and products, small enough for the embedded
-135M model to get right some of the time, so a chooser has something to choose
-between. The chooser is pluggable (majority vote today; the hidden-state reward
-head plugs in the same way).
+Questions are seeded single-digit sums and products from the HELD-OUT split of
+:mod:`esamp_agents.tasks` (never used to train the shipped reward head), small enough for the
+embedded 135M model to get right some of the time, so a chooser has something to choose
+between. The default chooser is the shipped hidden-state reward head (ELHSR), scoring every
+candidate during the same decode (no second pass) and voting with those scores; majority
+vote and mean logprob are there to compare.
 """
 
 from __future__ import annotations
 
 import math
-import random
 import sys
 import time
 from collections import Counter
@@ -41,18 +42,11 @@ class Question:
 
 
 def make_questions(count: int, seed: int = 0) -> list[Question]:
-    """``count`` seeded questions 'What is a + b?' / 'What is a * b?' with single-digit a, b."""
+    """``count`` seeded single-digit sum/product questions from the held-out ("test") split."""
     if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_QUESTIONS:
         raise ValueError(f"questions={count!r} is out of range; allowed: 1 <= questions <= {MAX_QUESTIONS}")
-    rng = random.Random(seed)
-    out = []
-    for _ in range(count):
-        a, b = rng.randint(1, 9), rng.randint(1, 9)
-        if rng.random() < 0.5:
-            out.append(Question(f"What is {a} + {b}?", a + b))
-        else:
-            out.append(Question(f"What is {a} * {b}?", a * b))
-    return out
+    problems = tasks.generate_problems("single_digit", count, seed=seed, split="test")
+    return [Question(p.question, int(p.answer)) for p in problems]
 
 
 def extract_answer(text: str) -> int | None:
@@ -86,7 +80,35 @@ def max_logprob(candidates: Sequence[Candidate], answers: Sequence[int | None]) 
     return max(scored, key=lambda t: t[0])[1] if scored else None
 
 
-CHOOSERS: dict[str, Chooser] = {"majority": majority_vote, "logprob": max_logprob}
+def _reward(candidate: Candidate) -> float:
+    value = candidate.extras.get("reward")
+    if value is None:
+        raise ValueError("this chooser needs reward scores: run the demo with a reward chooser so they are computed")
+    return float(value)
+
+
+def reward_vote(candidates: Sequence[Candidate], answers: Sequence[int | None]) -> int | None:
+    """Answers weighted by sigmoid(reward) (the head is trained as a logit of "correct"); heaviest wins."""
+    totals: dict[int, float] = {}
+    for c, a in zip(candidates, answers, strict=True):
+        if a is not None:
+            totals[a] = totals.get(a, 0.0) + 1.0 / (1.0 + math.exp(-_reward(c)))
+    return max(totals, key=lambda a: totals[a]) if totals else None
+
+
+def reward_argmax(candidates: Sequence[Candidate], answers: Sequence[int | None]) -> int | None:
+    """The answer of the candidate the reward head scores highest (ties: the first)."""
+    scored = [(_reward(c), -c.index, a) for c, a in zip(candidates, answers, strict=True) if a is not None]
+    return max(scored)[2] if scored else None
+
+
+CHOOSERS: dict[str, Chooser] = {
+    "reward-vote": reward_vote,
+    "reward": reward_argmax,
+    "majority": majority_vote,
+    "logprob": max_logprob,
+}
+REWARD_CHOOSERS = frozenset({"reward-vote", "reward"})
 
 
 @dataclass
@@ -131,15 +153,17 @@ def _short(text: str, width: int = 60) -> str:
     return flat if len(flat) <= width else flat[: width - 3] + "..."
 
 
-def print_report(report: DemoReport, out: TextIO, *, chooser_name: str = "majority") -> None:
+def print_report(report: DemoReport, out: TextIO, *, chooser_name: str = "reward-vote") -> None:
     for qi, row in enumerate(report.rows, start=1):
         q = row.question
         print(f"Q{qi}. {q.text}  (expected {q.answer})", file=out)
-        print(f"  {'#':>2}  {'answer':>6}  {'mean lp':>7}  text", file=out)
+        print(f"  {'#':>2}  {'answer':>6}  {'reward':>6}  {'mean lp':>7}  text", file=out)
         for c, a in zip(row.candidates, row.answers, strict=True):
             lp = f"{c.mean_logprob:7.3f}" if math.isfinite(c.mean_logprob) else f"{'n/a':>7}"
+            reward = c.extras.get("reward")
+            rw = f"{reward:+6.2f}" if reward is not None else f"{'-':>6}"
             mark = "*" if a is not None and a == q.answer else " "
-            print(f"  {c.index:>2}  {'-' if a is None else a:>6}{mark} {lp}  {_short(c.text)}", file=out)
+            print(f"  {c.index:>2}  {'-' if a is None else a:>6}{mark} {rw}  {lp}  {_short(c.text, 52)}", file=out)
         verdict = "correct" if row.correct else "wrong"
         chosen = "none" if row.chosen is None else row.chosen
         print(f"  chosen ({chooser_name}): {chosen}  -> {verdict}\n", file=out)
@@ -165,7 +189,7 @@ def run_demo(
     temperature: float = 0.7,
     max_new_tokens: int = 64,
     seed: int = 0,
-    chooser: Chooser = majority_vote,
+    chooser: Chooser = reward_vote,
     device: str | None = None,
     dtype: str = "auto",
     out: TextIO | None = None,
@@ -181,9 +205,15 @@ def run_demo(
     from esamp_agents.engine import ESampEngine
     from esamp_agents.loading import load_model
 
+    needs_reward = chooser_name in REWARD_CHOOSERS
     print(f"loading model {model!r} ...", file=out, flush=True)
     t0 = time.perf_counter()
     loaded = load_model(model, device=device, dtype=dtype)
+    observers = []
+    if needs_reward:
+        from esamp_agents.hidden_reward import HiddenStateReward
+
+        observers.append(HiddenStateReward.shipped(loaded).make_observer(loaded))
     load_seconds = time.perf_counter() - t0
     engine = ESampEngine(loaded)
     prompts = [loaded.apply_chat_template([{"role": "user", "content": q.prompt}]) for q in qs]
@@ -194,8 +224,12 @@ def run_demo(
         flush=True,
     )
     t1 = time.perf_counter()
-    result = engine.generate(prompts, sampling, esamp, add_special_tokens=False)
+    result = engine.generate(prompts, sampling, esamp, observers=observers, add_special_tokens=False)
     generate_seconds = time.perf_counter() - t1
+    if observers:  # the head scored every candidate while it was written
+        for pr, rewards in zip(result.results, observers[0].rewards(), strict=True):
+            for c, r in zip(pr.candidates, rewards, strict=True):
+                c.extras["reward"] = r
 
     rows = []
     for q, pr in zip(qs, result.results, strict=True):
@@ -218,5 +252,7 @@ __all__ = [
     "make_questions",
     "max_logprob",
     "print_report",
+    "reward_argmax",
+    "reward_vote",
     "run_demo",
 ]

@@ -136,7 +136,10 @@ def test_bad_generate_arguments_exit_2(extra, message, capsys):
         (["generate", "--prompts-file", "/nonexistent/prompts.txt"], "'/nonexistent/prompts.txt' does not exist"),
         (["demo", "--questions", "0"], "questions=0 is out of range; allowed: 1 <= questions <= 50"),
         (["demo", "-n", "0"], "n=0 is out of range"),
-        (["demo", "--chooser", "oracle"], "--chooser='oracle' is unknown; allowed: logprob, majority"),
+        (
+            ["demo", "--chooser", "oracle"],
+            "--chooser='oracle' is unknown; allowed: logprob, majority, reward, reward-vote",
+        ),
         ([], "required"),
     ],
 )
@@ -189,13 +192,17 @@ def _cand(index: int, text: str, lps: list[float]) -> Candidate:
     )
 
 
-def test_make_questions_is_seeded_single_digit_arithmetic():
+def test_make_questions_is_seeded_held_out_single_digit_arithmetic():
+    from esamp_agents.tasks import generate_problems, key_split
+
     qs = demo.make_questions(20, seed=3)
     assert qs == demo.make_questions(20, seed=3)
     assert qs != demo.make_questions(20, seed=4)
-    for q in qs:
-        a, op, b = q.text.removeprefix("What is ").removesuffix("?").split()
-        assert 1 <= int(a) <= 9 and 1 <= int(b) <= 9
+    problems = generate_problems("single_digit", 20, seed=3, split="test")
+    for q, p in zip(qs, problems, strict=True):
+        assert (q.text, q.answer) == (p.question, int(p.answer))
+        assert key_split(p.key) == "test"  # never used to train the shipped reward head
+        a, op, b = p.key[0], p.key[1], p.key[2]
         assert q.answer == (int(a) + int(b) if op == "+" else int(a) * int(b))
         assert q.prompt.endswith(demo.SUFFIX)
 
@@ -232,13 +239,13 @@ def test_majority_vote_and_tie_break():
 
 def test_run_demo_small(embedded):
     out = io.StringIO()
-    report = demo.run_demo(questions=2, n=2, max_new_tokens=8, seed=1, out=out)
+    report = demo.run_demo(questions=2, n=2, max_new_tokens=8, seed=1, chooser=demo.majority_vote, out=out)
     text = out.getvalue()
     assert len(report.rows) == 2
     assert all(len(r.candidates) == 2 and len(r.answers) == 2 for r in report.rows)
     assert report.generated_tokens == sum(c.completion_tokens for r in report.rows for c in r.candidates)
     assert 0.0 <= report.accuracy <= report.pass_at_n <= 1.0
-    assert "Q1. What is" in text and "Q2. What is" in text
+    assert "Q1. " in text and "Q2. " in text
     assert "chosen (majority):" in text and "accuracy (majority):" in text and "pass@2" in text
 
 
@@ -255,6 +262,18 @@ def test_demo_chooser_is_pluggable(embedded):
 def test_demo_command(embedded):
     code, text = run(["demo", "--questions", "1", "-n", "2", "--max-tokens", "6", "--chooser", "logprob"])
     assert code == 0
-    assert "Q1. What is" in text
+    assert "Q1. " in text
     assert "chosen (logprob):" in text
     assert "accuracy (logprob):" in text
+
+
+def test_demo_default_chooser_is_the_shipped_reward_head(embedded):
+    out = io.StringIO()
+    report = demo.run_demo(questions=2, n=3, max_new_tokens=24, seed=2, out=out)
+    text = out.getvalue()
+    assert all(isinstance(c.extras["reward"], float) for r in report.rows for c in r.candidates)
+    assert "chosen (reward-vote):" in text
+    assert any(line.split()[:3] == ["#", "answer", "reward"] for line in text.splitlines() if line.strip())
+    for row in report.rows:
+        if row.chosen is not None:
+            assert row.chosen in row.answers
