@@ -518,3 +518,24 @@ def test_esamp_observers_keyword_is_validated(embedded):
     llm = ESampLLM(loaded_model=embedded, max_tokens=4, seed=0)
     result = llm.generate(["The capital of France is"], n=2, observers=[obs])
     assert len(obs.rewards()[0]) == 2 and len(result.generations[0]) == 2
+
+
+@pytest.mark.model
+def test_real_chain_with_the_shipped_head_answers_arithmetic(embedded):
+    """The issue's chain: prompt | BestOfN(ChatESamp, reward=<shipped head>) | StrOutputParser."""
+    from esamp_agents.chat_model import ChatESamp
+    from esamp_agents.hidden_reward import HiddenStateReward
+    from esamp_agents.tasks import DEFAULT_SUFFIX, answers_match, extract_answer
+
+    prompt = ChatPromptTemplate.from_messages([("human", "{question} " + DEFAULT_SUFFIX)])
+    chat = ChatESamp(loaded_model=embedded, temperature=0.7, max_tokens=48, seed=0)
+    best = BestOfN(chat, n=6, reward=HiddenStateReward.shipped(embedded), strategy="vote")
+    chain = prompt | best | StrOutputParser()
+    answers = {q: extract_answer(chain.invoke({"question": q})) for q in ("What is 2 + 2?", "What is 3 + 5?")}
+    assert all(a is not None for a in answers.values())
+    assert answers_match(answers["What is 2 + 2?"], "4")
+    reply = (prompt | best).invoke({"question": "What is 3 + 5?"})
+    meta = reply.response_metadata["best_of_n"]
+    assert len(meta["candidates"]) == 6
+    assert all(math.isfinite(c["scores"]["elhsr"]) for c in meta["candidates"])
+    assert meta["chosen_answer"] == extract_answer(reply.content)
