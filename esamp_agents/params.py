@@ -39,6 +39,11 @@ def _check_int(name: str, value: int, low: int, high: int | None = None) -> None
         raise ValueError(f"{name}={value!r} is out of range; allowed: {allowed}")
 
 
+# Shared by every module that validates user input, so messages read the same everywhere.
+check_range = _check_range
+check_int = _check_int
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How each candidate is sampled (HF ``generate`` semantics for the filters).
@@ -124,4 +129,4 @@ def split_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]
     return sampling, esamp, rest
 
 
-__all__ = ["MAX_TOP_LOGPROBS", "ESampParams", "SamplingParams", "split_kwargs"]
+__all__ = ["MAX_TOP_LOGPROBS", "ESampParams", "SamplingParams", "check_int", "check_range", "split_kwargs"]

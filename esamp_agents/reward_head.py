@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from esamp_agents.logprob_features import EXTRA_FEATURES, MAX_TOP_K
+from esamp_agents.params import check_int as _check_int
 
 FeatureKind = Literal["hidden", "logprobs"]
 FEATURE_KINDS: tuple[str, ...] = ("hidden", "logprobs")
@@ -37,14 +38,6 @@ class RewardHeadError(ValueError):
 
 class IncompatibleHeadError(RewardHeadError):
     """A valid head was trained on other features than the ones in use."""
-
-
-def _check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name}={value!r} must be an integer >= {low}")
-    if value < low or (high is not None and value > high):
-        allowed = f"{low} <= {name}" + (f" <= {high}" if high is not None else "")
-        raise ValueError(f"{name}={value!r} is out of range; allowed: {allowed}")
 
 
 @dataclass(frozen=True)

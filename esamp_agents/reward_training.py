@@ -24,7 +24,8 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from esamp_agents.params import _check_int, _check_range
+from esamp_agents.params import check_int as _check_int
+from esamp_agents.params import check_range as _check_range
 from esamp_agents.reward_head import FeatureSpec, GatedLinearHead
 
 LossName = Literal["bce", "bradley_terry", "hinge"]
