@@ -21,6 +21,7 @@ from typing import Any, TextIO
 
 from esamp_agents.cli_reward import COMMANDS as REWARD_COMMANDS
 from esamp_agents.cli_reward import add_reward_commands
+from esamp_agents.demo import DEMO_BETA
 from esamp_agents.eval_harness import add_eval_command, run_eval_command
 from esamp_agents.loading import EMBEDDED, LoadedModel, ModelLoadError, load_model
 from esamp_agents.params import ESampParams, SamplingParams
@@ -125,7 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d.add_argument("--questions", type=int, default=4, help="number of questions (default 4)")
     d.add_argument("-n", type=int, default=8, help="candidates per question (default 8)")
-    d.add_argument("--beta", type=float, default=ESampParams.beta, help="ESamp strength, 0 = off (default 0.25)")
+    d.add_argument(
+        "--beta",
+        type=float,
+        default=DEMO_BETA,
+        help=f"ESamp strength, 0 = off (default {DEMO_BETA}: the paper's 0.25 hurt arithmetic at this model size)",
+    )
     d.add_argument("--temperature", type=float, default=SamplingParams.temperature, help="default 0.7")
     d.add_argument("--max-tokens", type=int, default=64, help="new tokens per candidate (default 64)")
     d.add_argument("--seed", type=int, default=0, help="seed for the questions and the sampling (default 0)")
