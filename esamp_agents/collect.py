@@ -31,7 +31,6 @@ the remaining problems is the same (same problem list, same ``prompts_per_call``
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -47,6 +46,7 @@ from typing import Any
 
 import torch
 
+from esamp_agents.atomic import atomic_write_bytes, fsync_dir
 from esamp_agents.engine import ESampEngine
 from esamp_agents.features import TokenFeatureRecorder, posthoc_features
 from esamp_agents.loading import LoadedModel
@@ -90,30 +90,6 @@ class CollectSummary:
 # --------------------------------------------------------------------------- files
 
 
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):  # not every platform can open a folder
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Temp file in the same folder, fsync, rename: a crash leaves the old file or the new one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
 def _write_shard(path: Path, features: torch.Tensor, call: int) -> None:
     from safetensors.torch import save_file
 
@@ -129,7 +105,7 @@ def _write_shard(path: Path, features: torch.Tensor, call: int) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _plain(value: Any) -> Any:
@@ -239,7 +215,7 @@ def _repair(out_dir: Path) -> list[dict[str, Any]]:
     lines, torn = _read_lines(path)
     kept, incomplete = _parse(lines, path)
     if torn or incomplete:
-        _atomic_write(path, b"".join(line + b"\n" for line, _ in kept))
+        atomic_write_bytes(path, b"".join(line + b"\n" for line, _ in kept))
     return [r for _, r in kept]
 
 
@@ -350,7 +326,7 @@ def collect(
     if (out / MANIFEST).exists():
         _check_manifest(read_manifest(out), fresh, out)
     else:
-        _atomic_write(out / MANIFEST, (json.dumps(fresh, indent=2) + "\n").encode("utf-8"))
+        atomic_write_bytes(out / MANIFEST, (json.dumps(fresh, indent=2) + "\n").encode("utf-8"))
 
     existing = _repair(out)
     stored_questions = {r["problem_id"]: r["question"] for r in existing}

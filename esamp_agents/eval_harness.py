@@ -43,6 +43,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TextIO
 
+from esamp_agents.atomic import atomic_write_bytes
 from esamp_agents.params import ESampParams, SamplingParams
 from esamp_agents.tasks import DEFAULT_SUFFIX, Problem, answers_match
 
@@ -287,21 +288,6 @@ def resolve_reward_head(value: GatedLinearHead | str | Path | None) -> tuple[Gat
 # --------------------------------------------------------------------------- files
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Temp file in the same folder, then rename: a crash leaves the old file or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _json_safe(value: Any) -> Any:
     """JSON has no NaN/inf: non-finite floats become null; tuples become lists, keys strings."""
     if isinstance(value, dict):
@@ -316,7 +302,7 @@ def _json_safe(value: Any) -> Any:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    _atomic_write(path, (json.dumps(data, indent=2, allow_nan=False, ensure_ascii=False) + "\n").encode("utf-8"))
+    atomic_write_bytes(path, (json.dumps(data, indent=2, allow_nan=False, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
 def _read_timing(folder: Path) -> dict[str, Any] | None:
