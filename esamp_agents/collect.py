@@ -113,9 +113,10 @@ def _plain(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
 
-def _manifest(
+def make_manifest(
     loaded: LoadedModel, spec: FeatureSpec | None, sampling: SamplingParams, esamp: ESampParams, suffix: str
 ) -> dict[str, Any]:
+    """The manifest a folder collected with these settings has (compared on resume)."""
     return {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -148,7 +149,8 @@ def read_manifest(out_dir: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def _check_manifest(stored: dict[str, Any], fresh: dict[str, Any], out_dir: Path) -> None:
+def check_manifest(stored: dict[str, Any], fresh: dict[str, Any], out_dir: Path) -> None:
+    """Raise :class:`CollectFormatError` naming the first setting in which ``stored`` differs."""
     for name in MATCHED_FIELDS:
         a, b = stored.get(name), fresh[name]
         if a == b:
@@ -322,9 +324,9 @@ def collect(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     loaded = engine.loaded
-    fresh = _manifest(loaded, spec, sampling, esamp, suffix)
+    fresh = make_manifest(loaded, spec, sampling, esamp, suffix)
     if (out / MANIFEST).exists():
-        _check_manifest(read_manifest(out), fresh, out)
+        check_manifest(read_manifest(out), fresh, out)
     else:
         atomic_write_bytes(out / MANIFEST, (json.dumps(fresh, indent=2) + "\n").encode("utf-8"))
 
@@ -467,8 +469,10 @@ __all__ = [
     "CollectFormatError",
     "CollectSummary",
     "call_seed",
+    "check_manifest",
     "collect",
     "load_examples",
+    "make_manifest",
     "read_manifest",
     "read_records",
 ]

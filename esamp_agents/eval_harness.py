@@ -325,13 +325,13 @@ def _folder_spec(
 
     Also checks an existing folder's settings now, so a mismatch fails before any sampler generates.
     """
-    from esamp_agents.collect import _check_manifest, _manifest, read_manifest
+    from esamp_agents.collect import check_manifest, make_manifest, read_manifest
     from esamp_agents.reward_head import FeatureSpec
 
     if (folder / "manifest.json").exists():
         stored = read_manifest(folder)
         spec = FeatureSpec.from_dict(stored["spec"]) if stored.get("spec") is not None else None
-        _check_manifest(stored, _manifest(loaded, spec, sampling, esamp, DEFAULT_SUFFIX), folder)
+        check_manifest(stored, make_manifest(loaded, spec, sampling, esamp, DEFAULT_SUFFIX), folder)
         return spec
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"{folder} exists and is not a folder")
