@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,7 @@ import torch
 from langchain_core.messages import HumanMessage
 
 from esamp_agents import load_model
+from esamp_agents.atomic import atomic_write_json
 from esamp_agents.best_of_n import BestOfN
 from esamp_agents.chat_model import ChatESamp
 from esamp_agents.hidden_reward import HiddenStateReward
@@ -94,11 +93,7 @@ def main(argv: list[str] | None = None) -> None:
         "overhead_paired_median": statistics.median(paired) - 1,
         "raw": times,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=args.out.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(tmp, args.out)
+    atomic_write_json(args.out, result)
     print(f"BestOfN overhead over raw generation: {100 * result['overhead_median_ratio']:+.2f}% (medians), "
           f"{100 * result['overhead_paired_median']:+.2f}% (paired); wrote {args.out}")  # fmt: skip
 

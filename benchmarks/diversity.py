@@ -27,7 +27,6 @@ import platform
 import shlex
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,7 @@ import transformers
 from tqdm import tqdm
 
 from esamp_agents import ESampParams, SamplingParams, load_model
+from esamp_agents.atomic import atomic_write_bytes
 from esamp_agents.engine import ESampEngine
 from esamp_agents.metrics import (
     bootstrap_ci,
@@ -207,16 +207,8 @@ def _json_safe(value: Any) -> Any:
 
 
 def atomic_write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(_json_safe(data), f, indent=1, allow_nan=False)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """NaN-free JSON (non-finite values become null), written atomically."""
+    atomic_write_bytes(path, (json.dumps(_json_safe(data), indent=1, allow_nan=False) + "\n").encode("utf-8"))
 
 
 # ---------------------------------------------------------------- main

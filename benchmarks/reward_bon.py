@@ -22,12 +22,10 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import platform
 import shlex
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -35,6 +33,7 @@ from typing import Any
 import torch
 
 from esamp_agents import ESampParams, SamplingParams, load_model
+from esamp_agents.atomic import atomic_write_json
 from esamp_agents.collect import collect, load_examples, read_records
 from esamp_agents.engine import ESampEngine
 from esamp_agents.evaluation import Group, best_of_n, unbiased_pass_at_k
@@ -87,14 +86,6 @@ def layer_set(name: str, num_layers: int) -> list[int]:
     if name == "final":
         return [num_layers]
     return sorted({int(x) % (num_layers + 1) for x in name.split(",")})
-
-
-def atomic_write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------- stage 1: sampling

@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import platform
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -28,6 +26,7 @@ from typing import Any
 import torch
 
 from esamp_agents import load_model
+from esamp_agents.atomic import atomic_write_json
 from esamp_agents.server import Server
 
 OUT = Path(__file__).resolve().parent / "out" / "server_throughput.json"
@@ -105,11 +104,7 @@ def main(argv: list[str] | None = None) -> None:
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "rows": rows,
     }  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=args.out.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(tmp, args.out)
+    atomic_write_json(args.out, result)
     print(f"wrote {args.out}")
 
 

@@ -18,13 +18,11 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as dt
-import json
 import os
 import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,7 @@ from typing import Any
 import torch
 
 from esamp_agents import ESampParams, SamplingParams, load_model
+from esamp_agents.atomic import atomic_write_json
 from esamp_agents.engine import ESampEngine
 
 QUESTIONS = [
@@ -51,14 +50,6 @@ def parse_shape(text: str) -> tuple[int, int]:
     if p < 1 or n < 1 or p > len(QUESTIONS):
         raise argparse.ArgumentTypeError(f"shape {text!r}: need 1 <= P <= {len(QUESTIONS)} and N >= 1")
     return p, n
-
-
-def atomic_write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
 
 
 def prompts_for(engine: ESampEngine, p: int) -> list[list[int]]:

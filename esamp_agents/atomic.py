@@ -7,9 +7,11 @@ results) goes through here: temp file in the same folder, fsync, rename, fsync t
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 
 def fsync_dir(path: Path) -> None:
@@ -32,6 +34,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes the file private; results are meant to be read
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -40,4 +43,9 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     return path
 
 
-__all__ = ["atomic_write_bytes", "fsync_dir"]
+def atomic_write_json(path: str | Path, data: Any, *, indent: int = 2) -> Path:
+    """``data`` as JSON (UTF-8, trailing newline) written atomically."""
+    return atomic_write_bytes(path, (json.dumps(data, indent=indent) + "\n").encode("utf-8"))
+
+
+__all__ = ["atomic_write_bytes", "atomic_write_json", "fsync_dir"]
