@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 from typing import Any, TextIO
 
+from esamp_agents.distributed import add_ray_args, ray_options_from_args
 from esamp_agents.params import ESampParams, SamplingParams
 
 LOSSES = ("bce", "bradley_terry", "hinge")
@@ -56,6 +57,7 @@ def add_reward_commands(sub: Any, add_model_args: Any) -> None:
                    "recomputed at training time), all, every4, final, or indices")  # fmt: skip
     c.add_argument("--prompts-per-call", type=int, default=4)
     add_model_args(c)
+    add_ray_args(c)
 
     t = sub.add_parser(
         "train-reward",
@@ -109,12 +111,21 @@ def run_collect(args: argparse.Namespace, out: TextIO) -> int:
         problems = load_problems(args.task)
     except FileNotFoundError as exc:
         raise ValueError(f"--task={args.task!r}: {exc}") from exc
+    ray_options = ray_options_from_args(args)  # before loading anything: a bad flag fails fast
     loaded = _load(args)
     spec = None if args.layers == "none" else hidden_spec(loaded, parse_layers(args.layers, loaded.num_layers))
-    summary = collect(
-        ESampEngine(loaded), problems, args.out, sampling=sampling, esamp=esamp, spec=spec,
-        prompts_per_call=args.prompts_per_call,
-    )  # fmt: skip
+    if ray_options is not None:
+        from esamp_agents.distributed import collect_ray
+
+        summary = collect_ray(
+            problems, args.out, model=args.model, dtype=args.dtype, device=args.device, sampling=sampling,
+            esamp=esamp, spec=spec, prompts_per_call=args.prompts_per_call, ray_options=ray_options,
+        )  # fmt: skip
+    else:
+        summary = collect(
+            ESampEngine(loaded), problems, args.out, sampling=sampling, esamp=esamp, spec=spec,
+            prompts_per_call=args.prompts_per_call,
+        )  # fmt: skip
     print(summary, file=out)
     return 0
 

@@ -13,6 +13,7 @@ On-disk format (``FORMAT_VERSION`` 1), in ``out_dir``:
   null), ``correct``, ``mean_logprob``, ``finish_reason``, ``novelty_mean`` (mean Distiller
   novelty, null with ESamp off), ``logprobs`` (per token, under the model at temperature 1),
   ``top_logprobs`` (per token, the ``sampling.top_logprobs`` highest logprobs; null when 0),
+  ``distiller_loss`` (the prompt's Distiller loss per decode step, on sample 0 only; else null),
   ``call`` and ``call_records`` (the engine call that made it and how many records that call
   wrote), and when features are stored ``shard`` (path relative to ``out_dir``), ``offset`` and
   ``length`` (its rows in the shard; ``length == len(token_ids)``).
@@ -35,7 +36,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from esamp_agents.atomic import atomic_write_bytes, fsync_dir
+from esamp_agents.atomic import atomic_write_bytes
 from esamp_agents.engine import ESampEngine
 from esamp_agents.features import TokenFeatureRecorder, posthoc_features
 from esamp_agents.loading import LoadedModel
@@ -63,7 +63,11 @@ MANIFEST = "manifest.json"
 RECORDS = "records.jsonl"
 SHARDS = "shards"
 FEATURES_TENSOR = "features"
-MATCHED_FIELDS = ("format_version", "model", "hidden_size", "num_layers", "spec", "sampling", "esamp", "suffix")
+MATCHED_FIELDS = (
+    "format_version", "model", "hidden_size", "num_layers", "dtype", "spec", "sampling", "esamp", "suffix",
+)  # fmt: skip
+# Settings added after folders were first written, with the value those folders were made with.
+LATER_ESAMP_FIELDS = {"shared_distiller": False}
 
 
 class CollectFormatError(ValueError):
@@ -90,22 +94,12 @@ class CollectSummary:
 # --------------------------------------------------------------------------- files
 
 
-def _write_shard(path: Path, features: torch.Tensor, call: int) -> None:
-    from safetensors.torch import save_file
+def shard_bytes(features: torch.Tensor, call: int) -> bytes:
+    """One call's features as the bytes of its safetensors shard (float16)."""
+    from safetensors.torch import save
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        tensor = features.to(device="cpu", dtype=torch.float16).contiguous()
-        save_file({FEATURES_TENSOR: tensor}, tmp, metadata={"format": FORMAT_NAME, "call": str(call)})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+    tensor = features.to(device="cpu", dtype=torch.float16).contiguous()
+    return save({FEATURES_TENSOR: tensor}, metadata={"format": FORMAT_NAME, "call": str(call)})
 
 
 def _plain(value: Any) -> Any:
@@ -123,6 +117,7 @@ def make_manifest(
         "model": loaded.name,
         "hidden_size": loaded.hidden_size,
         "num_layers": loaded.num_layers,
+        "dtype": str(getattr(loaded.model, "dtype", "")).removeprefix("torch."),
         "spec": spec.to_dict() if spec is not None else None,
         "sampling": _plain(asdict(sampling)),
         "esamp": _plain(asdict(esamp)),
@@ -153,7 +148,9 @@ def check_manifest(stored: dict[str, Any], fresh: dict[str, Any], out_dir: Path)
     """Raise :class:`CollectFormatError` naming the first setting in which ``stored`` differs."""
     for name in MATCHED_FIELDS:
         a, b = stored.get(name), fresh[name]
-        if a == b:
+        if name == "esamp" and isinstance(a, dict):
+            a = {**LATER_ESAMP_FIELDS, **a}
+        if a == b or (name == "dtype" and name not in stored):  # folders from before dtype was recorded
             continue
         if isinstance(a, dict) and isinstance(b, dict):
             parts = [
@@ -239,7 +236,9 @@ def _floor(value: float) -> float:
     return value if math.isfinite(value) else LOGPROB_FLOOR
 
 
-def _record(problem: Problem, prompt_ids: list[int], cand: Candidate, call: int, call_records: int) -> dict[str, Any]:
+def _record(
+    problem: Problem, prompt_ids: list[int], cand: Candidate, call: int, call_records: int, loss: list[float]
+) -> dict[str, Any]:
     novelty = [v for v in (cand.novelty or []) if math.isfinite(v)]
     return {
         "problem_id": problem.id,
@@ -258,12 +257,13 @@ def _record(problem: Problem, prompt_ids: list[int], cand: Candidate, call: int,
         "novelty_mean": sum(novelty) / len(novelty) if novelty else None,
         "logprobs": [_floor(v) for v in cand.logprobs],
         "top_logprobs": [[_floor(v) for _, v in alts] for alts in cand.top_logprobs] if cand.top_logprobs else None,
+        "distiller_loss": [_finite(v) for v in loss] if cand.index == 0 and loss else None,
         "call": call,
         "call_records": call_records,
     }
 
 
-def _check_collect_args(
+def check_collect_args(
     engine: ESampEngine,
     problems: Sequence[Problem],
     sampling: SamplingParams,
@@ -298,6 +298,63 @@ def _check_collect_args(
         check_compatible(spec, base_model=loaded.name, hidden_size=loaded.hidden_size, num_layers=loaded.num_layers)
 
 
+@dataclass
+class CallOutput:
+    """What one engine call produced: its records (in order) and its shard's bytes (or None)."""
+
+    call: int
+    records: list[dict[str, Any]]
+    shard: bytes | None
+
+
+@dataclass
+class CollectPlan:
+    """The work a run has left: ``chunks[i]`` is engine call ``first_call + i``."""
+
+    out: Path
+    chunks: list[list[Problem]]
+    first_call: int
+    summary: CollectSummary
+
+
+def plan_collect(
+    loaded: LoadedModel,
+    problems: Sequence[Problem],
+    out_dir: str | Path,
+    *,
+    sampling: SamplingParams,
+    esamp: ESampParams,
+    spec: FeatureSpec | None,
+    prompts_per_call: int,
+    suffix: str,
+) -> CollectPlan:
+    """Write or check the manifest, repair an interrupted folder and chunk the pending problems.
+
+    Shared by :func:`collect` and the Ray path, so both number calls and chunk problems alike
+    (the same calls get the same seeds, hence the same candidates).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fresh = make_manifest(loaded, spec, sampling, esamp, suffix)
+    if (out / MANIFEST).exists():
+        check_manifest(read_manifest(out), fresh, out)
+    else:
+        atomic_write_bytes(out / MANIFEST, (json.dumps(fresh, indent=2) + "\n").encode("utf-8"))
+
+    existing = _repair(out)
+    stored_questions = {r["problem_id"]: r["question"] for r in existing}
+    for p in problems:
+        if p.id in stored_questions and stored_questions[p.id] != p.question:
+            raise CollectFormatError(
+                f"problem id {p.id!r} is stored in {out} with question {stored_questions[p.id]!r} "
+                f"but given with {p.question!r}; ids must name the same problem"
+            )
+    pending = [p for p in problems if p.id not in stored_questions]
+    chunks = [pending[i : i + prompts_per_call] for i in range(0, len(pending), prompts_per_call)]
+    first_call = max((r["call"] for r in existing), default=-1) + 1
+    return CollectPlan(out, chunks, first_call, CollectSummary(0, len(problems) - len(pending), 0, 0, 0, 0, 0.0))
+
+
 def collect(
     engine: ESampEngine,
     problems: Sequence[Problem],
@@ -316,38 +373,22 @@ def collect(
     ``prompts_per_call`` at a time, as chat-template prompts. With ``spec`` the token features
     are captured during the same decode and stored in float16 shards; with ``spec=None`` only
     tokens and labels are stored (:func:`load_examples` can recompute features post hoc).
+    For many problems on many processes or machines see :func:`esamp_agents.distributed.collect_ray`.
     """
-    _check_collect_args(engine, problems, sampling, esamp, spec, prompts_per_call, suffix)
+    check_collect_args(engine, problems, sampling, esamp, spec, prompts_per_call, suffix)
     from tqdm.auto import tqdm
 
     start = time.perf_counter()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    loaded = engine.loaded
-    fresh = make_manifest(loaded, spec, sampling, esamp, suffix)
-    if (out / MANIFEST).exists():
-        check_manifest(read_manifest(out), fresh, out)
-    else:
-        atomic_write_bytes(out / MANIFEST, (json.dumps(fresh, indent=2) + "\n").encode("utf-8"))
-
-    existing = _repair(out)
-    stored_questions = {r["problem_id"]: r["question"] for r in existing}
-    for p in problems:
-        if p.id in stored_questions and stored_questions[p.id] != p.question:
-            raise CollectFormatError(
-                f"problem id {p.id!r} is stored in {out} with question {stored_questions[p.id]!r} "
-                f"but given with {p.question!r}; ids must name the same problem"
-            )
-    pending = [p for p in problems if p.id not in stored_questions]
-    next_call = max((r["call"] for r in existing), default=-1) + 1
-    summary = CollectSummary(0, len(problems) - len(pending), 0, 0, 0, 0, 0.0)
-
-    bar = tqdm(total=len(pending), disable=not progress, unit="problem", desc="collect")
+    plan = plan_collect(
+        engine.loaded, problems, out_dir, sampling=sampling, esamp=esamp, spec=spec,
+        prompts_per_call=prompts_per_call, suffix=suffix,
+    )  # fmt: skip
+    summary = plan.summary
+    bar = tqdm(total=sum(map(len, plan.chunks)), disable=not progress, unit="problem", desc="collect")
     try:
-        for first in range(0, len(pending), prompts_per_call):
-            chunk = pending[first : first + prompts_per_call]
-            _collect_call(engine, chunk, out, next_call, sampling, esamp, spec, suffix, summary)
-            next_call += 1
+        for i, chunk in enumerate(plan.chunks):
+            output = generate_call(engine, chunk, plan.first_call + i, sampling, esamp, spec, suffix)
+            write_call(plan.out, output, summary)
             bar.update(len(chunk))
             bar.set_postfix(correct=f"{summary.positive_rate:.1%}")
     finally:
@@ -356,18 +397,16 @@ def collect(
     return summary
 
 
-def _collect_call(
+def generate_call(
     engine: ESampEngine,
-    chunk: list[Problem],
-    out: Path,
+    chunk: Sequence[Problem],
     call: int,
     sampling: SamplingParams,
     esamp: ESampParams,
     spec: FeatureSpec | None,
-    suffix: str,
-    summary: CollectSummary,
-) -> None:
-    """One engine call: generate, grade, write the shard, then append the records."""
+    suffix: str = DEFAULT_SUFFIX,
+) -> CallOutput:
+    """One engine call: generate and grade ``chunk`` (nothing is written; see :func:`write_call`)."""
     loaded = engine.loaded
     prompts = [loaded.chat_token_ids([{"role": "user", "content": p.prompt(suffix)}]) for p in chunk]
     call_sampling = replace(sampling, seed=call_seed(int(sampling.seed or 0), [p.id for p in chunk]))
@@ -378,23 +417,32 @@ def _collect_call(
     call_records = len(chunk) * sampling.n
     records: list[dict[str, Any]] = []
     for problem, prompt_ids, pr in zip(chunk, prompts, result.results, strict=True):
-        records.extend(_record(problem, prompt_ids, c, call, call_records) for c in pr.candidates)
+        records.extend(_record(problem, prompt_ids, c, call, call_records, pr.distiller_loss) for c in pr.candidates)
+    shard = None
     if recorder is not None:
         feats = [f for row in recorder.features() for f in row]
         offset = 0
-        shard = f"{SHARDS}/shard-{call:05d}.safetensors"
+        name = f"{SHARDS}/shard-{call:05d}.safetensors"
         for record, f in zip(records, feats, strict=True):
             if f.shape[0] != len(record["token_ids"]):
                 raise RuntimeError(f"recorded {f.shape[0]} feature rows for {len(record['token_ids'])} tokens")
-            record.update(shard=shard, offset=offset, length=int(f.shape[0]))
+            record.update(shard=name, offset=offset, length=int(f.shape[0]))
             offset += int(f.shape[0])
-        _write_shard(out / shard, torch.cat(feats), call)
+        shard = shard_bytes(torch.cat(feats), call)
+    return CallOutput(call, records, shard)
+
+
+def write_call(out: Path, output: CallOutput, summary: CollectSummary) -> None:
+    """Write a call's shard atomically, THEN append its records with one fsync'd write."""
+    records = output.records
+    if output.shard is not None:
+        atomic_write_bytes(out / SHARDS / f"shard-{output.call:05d}.safetensors", output.shard)
     payload = "".join(json.dumps(r, allow_nan=False, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
     with open(out / RECORDS, "ab") as f:
         f.write(payload)
         f.flush()
         os.fsync(f.fileno())
-    summary.problems_done += len(chunk)
+    summary.problems_done += len({r["problem_id"] for r in records})
     summary.calls += 1
     summary.candidates += len(records)
     summary.positives += sum(r["correct"] for r in records)
@@ -466,13 +514,20 @@ def load_examples(
 
 __all__ = [
     "FORMAT_VERSION",
+    "CallOutput",
     "CollectFormatError",
+    "CollectPlan",
     "CollectSummary",
     "call_seed",
+    "check_collect_args",
     "check_manifest",
     "collect",
+    "generate_call",
     "load_examples",
     "make_manifest",
+    "plan_collect",
     "read_manifest",
     "read_records",
+    "shard_bytes",
+    "write_call",
 ]

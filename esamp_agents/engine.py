@@ -250,16 +250,17 @@ class ESampEngine:
         cache, hidden_states = out.past_key_values, out.hidden_states
 
         distiller: BatchedDistiller | None = None
+        groups = 1 if esamp.shared_distiller else num_prompts  # Distillers: one per prompt, or one for all
         distiller_seconds = 0.0
         if use_esamp:
             t_d = time.perf_counter()
             init_gen = torch.Generator().manual_seed(seed ^ 0x5EED)
-            distiller = BatchedDistiller(num_prompts, d, esamp, device=device, generator=init_gen)
+            distiller = BatchedDistiller(groups, d, esamp, device=device, generator=init_gen)
             if esamp.warm_start_steps:
                 distiller.warm_start(
-                    hidden_states[1].float(),
-                    hidden_states[-1].float(),
-                    prefill_mask.bool(),
+                    hidden_states[1].float().reshape(groups, -1, d),
+                    hidden_states[-1].float().reshape(groups, -1, d),
+                    prefill_mask.bool().reshape(groups, -1),
                     esamp.warm_start_steps,
                     esamp.warm_start_lr,
                 )
@@ -309,9 +310,9 @@ class ESampEngine:
                 if distiller is not None and step > 0:
                     t_d = time.perf_counter()
                     pred, novelty, loss = distiller.predict_and_loss(
-                        last[1].float().view(num_prompts, n, d),
-                        h_final.float().view(num_prompts, n, d),
-                        live.view(num_prompts, n),
+                        last[1].float().view(groups, -1, d),
+                        h_final.float().view(groups, -1, d),
+                        live.view(groups, -1),
                     )
                     error = h_final.float() - pred.detach().view(rows, d)
                     scores = self._fuse(raw_logits, cands, error, esamp.beta, sampling.temperature)
@@ -419,6 +420,8 @@ class ESampEngine:
             later = torch.stack(step_novelty, 1).tolist() if step_novelty else [[] for _ in tokens]
             novelty = [[f, *rest] for f, rest in zip(first, later, strict=True)]
         losses = torch.stack(step_loss, 1).tolist() if step_loss else [[] for _ in encoded]
+        if len(losses) == 1 < len(encoded):  # one shared Distiller: every prompt reports its curve
+            losses = losses * len(encoded)
         eos = set(self.loaded.eos_token_ids)
 
         results: list[PromptResult] = []

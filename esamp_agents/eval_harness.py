@@ -44,12 +44,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TextIO
 
 from esamp_agents.atomic import atomic_write_bytes
+from esamp_agents.distributed import add_ray_args, ray_options_from_args
 from esamp_agents.params import ESampParams, SamplingParams
 from esamp_agents.tasks import DEFAULT_SUFFIX, Problem, answers_match
 
 if TYPE_CHECKING:  # the heavy modules (torch) load on first use, so the CLI starts fast
     import torch
 
+    from esamp_agents.distributed import RayOptions
     from esamp_agents.engine import ESampEngine
     from esamp_agents.loading import LoadedModel
     from esamp_agents.reward_head import FeatureSpec, GatedLinearHead
@@ -63,7 +65,9 @@ PLOT_FILES = ("pass_at_k.png", "best_of_n.png", "diversity_quality.png")
 SCORE_NAMES = ("mean_logprob", "reward")
 SAMPLER_USAGE = (
     "allowed: vanilla, esamp, esamp:BETA, esamp:BETA:warmSTEPS (0 < BETA <= 100, 0 <= STEPS <= 10000), "
-    "minp:P (0 < P < 1)"
+    "minp:P (0 < P < 1), each optionally followed by ':t=TEMPERATURE' (0 < T <= 10); esamp also by "
+    "':warm_lr=LR' (0 < LR <= 1), ':width=W' (1 <= W <= 65536), ':shared' (one Distiller for all prompts) "
+    "and ':min_p=P'"
 )
 SELECTOR_USAGE = f"allowed: random, majority, oracle, argmax:SCORE, vote:SCORE with SCORE in {', '.join(SCORE_NAMES)}"
 MATPLOTLIB_MISSING = "plots skipped: matplotlib is not installed (pip install 'matplotlib>=3.8')"
@@ -91,37 +95,74 @@ def _num(x: float) -> str:
 
 @dataclass(frozen=True)
 class Sampler:
-    """One way to sample candidates; ``name`` is its canonical spelling, ``folder`` its cache folder."""
+    """One way to sample candidates; ``name`` is its canonical spelling, ``folder`` its cache folder.
+
+    ``None`` options take the run's shared setting (temperature) or the :class:`ESampParams` default.
+    """
 
     kind: Literal["vanilla", "esamp", "minp"]
     beta: float = 0.0
     min_p: float = 0.0
     warm_start_steps: int = 0
+    warm_start_lr: float | None = None
+    distiller_width: int | None = None
+    shared_distiller: bool = False
+    temperature: float | None = None
 
     def __post_init__(self) -> None:
+        plain = (
+            self.beta == 0
+            and self.warm_start_steps == 0
+            and self.warm_start_lr is None
+            and self.distiller_width is None
+            and not self.shared_distiller
+        )
         ok = {
-            "vanilla": self.beta == 0 and self.min_p == 0 and self.warm_start_steps == 0,
-            "esamp": 0 < self.beta <= 100 and self.min_p == 0 and 0 <= self.warm_start_steps <= 10000,
-            "minp": self.beta == 0 and 0 < self.min_p < 1 and self.warm_start_steps == 0,
+            "vanilla": plain and self.min_p == 0,
+            "esamp": 0 < self.beta <= 100 and 0 <= self.min_p < 1 and 0 <= self.warm_start_steps <= 10000,
+            "minp": plain and 0 < self.min_p < 1,
         }
-        if not ok.get(self.kind, False):
+        temperature_ok = self.temperature is None or 0 < self.temperature <= 10
+        if not ok.get(self.kind, False) or not temperature_ok:
             raise ValueError(f"{self!r} is not a valid sampler; {SAMPLER_USAGE}")
+        if self.kind == "esamp":
+            self.esamp_params()  # range-checks width and warm-start lr
 
     @property
     def name(self) -> str:
         if self.kind == "vanilla":
-            return "vanilla"
-        if self.kind == "minp":
-            return f"minp:{_num(self.min_p)}"
-        warm = f":warm{self.warm_start_steps}" if self.warm_start_steps else ""
-        return f"esamp:{_num(self.beta)}{warm}"
+            parts = ["vanilla"]
+        elif self.kind == "minp":
+            parts = ["minp", _num(self.min_p)]
+        else:
+            parts = ["esamp", _num(self.beta)]
+            if self.warm_start_steps:
+                parts.append(f"warm{self.warm_start_steps}")
+            if self.warm_start_lr is not None:
+                parts.append(f"warm_lr={_num(self.warm_start_lr)}")
+            if self.distiller_width is not None:
+                parts.append(f"width={self.distiller_width}")
+            if self.shared_distiller:
+                parts.append("shared")
+            if self.min_p:
+                parts.append(f"min_p={_num(self.min_p)}")
+        if self.temperature is not None:
+            parts.append(f"t={_num(self.temperature)}")
+        return ":".join(parts)
 
     @property
     def folder(self) -> str:
         return self.name.replace(":", "_")  # no ':' in paths (Windows)
 
     def esamp_params(self) -> ESampParams:
-        return ESampParams(beta=self.beta, warm_start_steps=self.warm_start_steps)
+        extra: dict[str, Any] = {}
+        if self.warm_start_lr is not None:
+            extra["warm_start_lr"] = self.warm_start_lr
+        if self.distiller_width is not None:
+            extra["distiller_width"] = self.distiller_width
+        return ESampParams(
+            beta=self.beta, warm_start_steps=self.warm_start_steps, shared_distiller=self.shared_distiller, **extra
+        )
 
     def sampling_params(
         self, *, n: int, temperature: float, top_k: int, top_p: float, max_tokens: int, seed: int
@@ -129,7 +170,7 @@ class Sampler:
         return SamplingParams(
             n=n,
             max_new_tokens=max_tokens,
-            temperature=temperature,
+            temperature=temperature if self.temperature is None else self.temperature,
             top_k=top_k,
             top_p=top_p,
             min_p=self.min_p,
@@ -147,35 +188,75 @@ def _parse_float(text: str, spec: str, what: str) -> float:
     return value
 
 
+def _parse_options(spec: str, kind: str, tokens: list[str]) -> dict[str, Any]:
+    """The ``:key=value`` / ``:shared`` options after a sampler's positional parts."""
+    out: dict[str, Any] = {}
+    seen: set[str] = set()
+    for token in tokens:
+        key, eq, value = token.partition("=")
+        esamp_only = key in ("warm_lr", "width", "shared", "min_p")
+        if key in seen or (esamp_only and kind != "esamp") or (bool(eq) == (key == "shared")):
+            raise ValueError(f"sampler {spec!r}: option {token!r} is not understood here; {SAMPLER_USAGE}")
+        seen.add(key)
+        if key == "t":
+            t = _parse_float(value, spec, "t")
+            if not 0.0 < t <= 10.0:
+                raise ValueError(f"sampler {spec!r}: t={t!r} is out of range; allowed: 0 < t <= 10")
+            out["temperature"] = t
+        elif key == "warm_lr":
+            lr = _parse_float(value, spec, "warm_lr")
+            if not 0.0 < lr <= 1.0:
+                raise ValueError(f"sampler {spec!r}: warm_lr={lr!r} is out of range; allowed: 0 < warm_lr <= 1")
+            out["warm_start_lr"] = lr
+        elif key == "width":
+            if not value.isdigit() or not 1 <= int(value) <= 65536:
+                raise ValueError(f"sampler {spec!r}: width={value!r} is out of range; allowed: 1 <= width <= 65536")
+            out["distiller_width"] = int(value)
+        elif key == "min_p":
+            p = _parse_float(value, spec, "min_p")
+            if not 0.0 < p < 1.0:
+                raise ValueError(f"sampler {spec!r}: min_p={p!r} is out of range; allowed: 0 < min_p < 1")
+            out["min_p"] = p
+        elif key == "shared":
+            out["shared_distiller"] = True
+        else:
+            raise ValueError(f"sampler {spec!r}: option {token!r} is not understood; {SAMPLER_USAGE}")
+    return out
+
+
 def parse_sampler(spec: str | Sampler) -> Sampler:
-    """``vanilla``, ``esamp[:BETA[:warmSTEPS]]`` or ``minp:P`` -> :class:`Sampler` (range-checked)."""
+    """``vanilla``, ``esamp[:BETA[:warmSTEPS]]`` or ``minp:P``, then options -> :class:`Sampler` (range-checked)."""
     if isinstance(spec, Sampler):
         return spec
     if not isinstance(spec, str):
         raise ValueError(f"sampler {spec!r} must be a string; {SAMPLER_USAGE}")
     kind, *rest = spec.strip().split(":")
-    if kind == "vanilla" and not rest:
-        return Sampler("vanilla")
-    if kind == "esamp" and len(rest) <= 2:
-        beta = _parse_float(rest[0], spec, "BETA") if rest else ESampParams.beta
+    positional = [t for t in rest if "=" not in t and t != "shared"]
+    options = rest[len(positional) :]
+    if positional != rest[: len(positional)]:
+        raise ValueError(f"sampler {spec!r}: options must come after BETA/STEPS/P; {SAMPLER_USAGE}")
+    if kind == "vanilla" and not positional:
+        return Sampler("vanilla", **_parse_options(spec, kind, options))
+    if kind == "esamp" and len(positional) <= 2:
+        beta = _parse_float(positional[0], spec, "BETA") if positional else ESampParams.beta
         if not 0.0 < beta <= 100.0:
             raise ValueError(
                 f"sampler {spec!r}: BETA={beta!r} is out of range; allowed: 0 < BETA <= 100 (for beta 0 use 'vanilla')"
             )
         warm = 0
-        if len(rest) == 2:
-            match = re.fullmatch(r"warm(\d+)", rest[1])
+        if len(positional) == 2:
+            match = re.fullmatch(r"warm(\d+)", positional[1])
             if match is None or int(match.group(1)) > 10000:
                 raise ValueError(
-                    f"sampler {spec!r}: {rest[1]!r} is not warmSTEPS with 0 <= STEPS <= 10000; {SAMPLER_USAGE}"
+                    f"sampler {spec!r}: {positional[1]!r} is not warmSTEPS with 0 <= STEPS <= 10000; {SAMPLER_USAGE}"
                 )
             warm = int(match.group(1))
-        return Sampler("esamp", beta=beta, warm_start_steps=warm)
-    if kind == "minp" and len(rest) == 1:
-        p = _parse_float(rest[0], spec, "P")
+        return Sampler("esamp", beta=beta, warm_start_steps=warm, **_parse_options(spec, kind, options))
+    if kind == "minp" and len(positional) == 1:
+        p = _parse_float(positional[0], spec, "P")
         if not 0.0 < p < 1.0:
             raise ValueError(f"sampler {spec!r}: P={p!r} is out of range; allowed: 0 < P < 1")
-        return Sampler("minp", min_p=p)
+        return Sampler("minp", min_p=p, **_parse_options(spec, kind, options))
     raise ValueError(f"sampler {spec!r} is not understood; {SAMPLER_USAGE}")
 
 
@@ -522,25 +603,27 @@ def _generate(
     spec: FeatureSpec | None,
     prompts_per_call: int,
     progress: bool,
+    ray: tuple[RayOptions, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Collect the missing candidates; time the runs that wrote records (kept in ``timing.json``)."""
     from esamp_agents.collect import RECORDS, collect
+    from esamp_agents.distributed import collect_ray
 
     records = folder / RECORDS
     before = records.stat().st_size if records.exists() else 0
     start = time.perf_counter()
     finished = False
     try:
-        summary = collect(
-            engine,
-            problems,
-            folder,
-            sampling=sampling,
-            esamp=esamp,
-            spec=spec,
-            prompts_per_call=prompts_per_call,
-            progress=progress,
-        )
+        if ray is not None:
+            summary = collect_ray(
+                problems, folder, **ray[1], sampling=sampling, esamp=esamp, spec=spec,
+                prompts_per_call=prompts_per_call, ray_options=ray[0], progress=progress,
+            )  # fmt: skip
+        else:
+            summary = collect(
+                engine, problems, folder, sampling=sampling, esamp=esamp, spec=spec,
+                prompts_per_call=prompts_per_call, progress=progress,
+            )  # fmt: skip
         finished = True
     finally:
         seconds = time.perf_counter() - start
@@ -555,6 +638,29 @@ def _generate(
         "problems_cached": summary.problems_skipped,
         "seconds_this_run": summary.seconds,
     }
+
+
+def _check_ray(
+    options: RayOptions | None, model_load: Mapping[str, Any] | None, loaded: LoadedModel
+) -> tuple[RayOptions, dict[str, Any]] | None:
+    """``(options, load_model kwargs)`` for the Ray path after checking they name the engine's model."""
+    from esamp_agents.distributed import RayOptions, require_ray
+    from esamp_agents.loading import load_model
+
+    if options is None:
+        if model_load is not None:
+            raise ValueError("model_load only applies with ray_options")
+        return None
+    if not isinstance(options, RayOptions):
+        raise ValueError(f"ray_options must be RayOptions, got {type(options).__name__}")
+    require_ray()
+    kwargs = dict(model_load or {"model": "embedded"})
+    unknown = set(kwargs) - {"model", "dtype", "device"}
+    if unknown or "model" not in kwargs:
+        raise ValueError(f"model_load={model_load!r}: allowed keys are model (required), dtype, device")
+    if load_model(**kwargs) is not loaded:
+        raise ValueError(f"model_load={model_load!r} does not load the engine's model ({loaded.name})")
+    return options, kwargs
 
 
 def run_eval(
@@ -579,11 +685,16 @@ def run_eval(
     draws: int = 32,
     resamples: int = 1000,
     meta: Mapping[str, Any] | None = None,
+    ray_options: RayOptions | None = None,
+    model_load: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Generate (cached, resumable) and evaluate ``n`` candidates per problem for each sampler.
 
     ``selectors=None`` uses :func:`default_selectors`. ``reward_head``: a head, a checkpoint path,
-    ``"shipped"`` or None. Every argument is checked before anything is generated or written.
+    ``"shipped"`` or None. With ``ray_options`` the candidates are generated on Ray actors
+    (:func:`esamp_agents.distributed.collect_ray`), each loading ``model_load`` (the
+    :func:`~esamp_agents.loading.load_model` arguments ``model``, ``dtype``, ``device`` of
+    ``engine``'s model). Every argument is checked before anything is generated or written.
     Returns the dict written to ``out_dir/results.json`` (JSON types: k keys are strings,
     missing values null).
     """
@@ -615,6 +726,7 @@ def run_eval(
     if not isinstance(engine, ESampEngine):
         raise ValueError(f"engine must be an ESampEngine, got {type(engine).__name__}")
     loaded = engine.loaded
+    ray = _check_ray(ray_options, model_load, loaded)
     if head is not None:
         check_compatible(
             head.spec, base_model=loaded.name, hidden_size=loaded.hidden_size, num_layers=loaded.num_layers
@@ -647,6 +759,7 @@ def run_eval(
             spec=specs[name],
             prompts_per_call=prompts_per_call,
             progress=progress,
+            ray=ray,
         )
 
     embedder = None
@@ -973,6 +1086,7 @@ def add_eval_command(subparsers: Any, add_model_args: Callable[[argparse.Argumen
     e.add_argument("--prompts-per-call", type=int, default=4, help="problems per engine call (default 4)")
     e.add_argument("--draws", type=int, default=32, help="random subsets per problem for each k < n (default 32)")
     add_model_args(e)
+    add_ray_args(e)
     return e
 
 
@@ -1025,6 +1139,7 @@ def run_eval_command(args: argparse.Namespace, out: TextIO) -> int:
     if args.out.exists() and not args.out.is_dir():
         raise ValueError(f"--out={str(args.out)!r} exists and is not a folder")
 
+    ray_options = ray_options_from_args(args)
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
     arguments = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if not callable(v)}
     results = run_eval(
@@ -1046,6 +1161,8 @@ def run_eval_command(args: argparse.Namespace, out: TextIO) -> int:
         prompts_per_call=args.prompts_per_call,
         draws=args.draws,
         meta={"command": "eval", "arguments": arguments},
+        ray_options=ray_options,
+        model_load={"model": args.model, "dtype": args.dtype, "device": args.device} if ray_options else None,
     )
     print(format_summary(results), file=out)
     if results["plots_skipped"] and not args.no_plots:

@@ -94,7 +94,10 @@ class ESampParams:
 
     ``beta=0`` switches ESamp off: the engine then runs plain sampling and never
     builds a Distiller. ``warm_start_steps > 0`` first fits each prompt's Distiller
-    on the prompt's own prefill states (a deviation from the paper, off by default).
+    on the prompt's own prefill states (a deviation from the paper).
+    ``shared_distiller=True`` trains one Distiller on all prompts of a request
+    instead of one per prompt (the paper's is per prompt). :meth:`paper` is the
+    paper's recipe exactly.
     """
 
     beta: float = 0.25
@@ -104,6 +107,7 @@ class ESampParams:
     grad_clip: float = 0.5
     warm_start_steps: int = 0
     warm_start_lr: float = 2e-3
+    shared_distiller: bool = False
 
     def __post_init__(self) -> None:
         _check_range("beta", self.beta, 0.0, 100.0, allowed="0 <= beta <= 100 (0 = plain sampling)")
@@ -113,6 +117,13 @@ class ESampParams:
         _check_range("grad_clip", self.grad_clip, 0.0, None, low_open=True, allowed="grad_clip > 0")
         _check_int("warm_start_steps", self.warm_start_steps, 0, 10000)
         _check_range("warm_start_lr", self.warm_start_lr, 0.0, 1.0, low_open=True, allowed="0 < warm_start_lr <= 1")
+        if not isinstance(self.shared_distiller, bool):
+            raise ValueError(f"shared_distiller={self.shared_distiller!r} must be True or False")
+
+    @classmethod
+    def paper(cls, beta: float = 0.25) -> ESampParams:
+        """The paper's recipe: a fresh per-prompt Distiller (width 384, Adam lr 4e-4), beta 0.25."""
+        return cls(beta=beta, distiller_width=384, lr=4e-4, adam_eps=1e-4, grad_clip=0.5, warm_start_steps=0)
 
     @property
     def enabled(self) -> bool:

@@ -1,0 +1,166 @@
+"""Collection on Ray Data (a local Ray cluster on this machine) equals the single-process path."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from esamp_agents import ESampParams, SamplingParams
+from esamp_agents.collect import RECORDS, collect, read_records
+from esamp_agents.distributed import RAY_MISSING, RayOptions, collect_ray, ray_options_from_args, require_ray
+from esamp_agents.features import hidden_spec
+from esamp_agents.tasks import generate_problems
+
+SAMPLING = SamplingParams(n=2, max_new_tokens=12, temperature=0.7, seed=11)
+ESAMP = ESampParams(beta=0.25, warm_start_steps=2)
+PER_CALL = 2  # 4 problems -> calls [p0, p1], [p2, p3]
+LOOPBACK = pytest.mark.allow_hosts(["127.0.0.1"])
+
+
+def _key(record: dict) -> tuple[str, int]:
+    return record["problem_id"], record["sample"]
+
+
+def _same_folder(a: Path, b: Path) -> None:
+    """Same records (file order may differ: Ray returns calls as they finish) and equal shards."""
+    ra, rb = sorted(read_records(a), key=_key), sorted(read_records(b), key=_key)
+    assert len(ra) == len(rb) == len({_key(r) for r in rb})  # nothing lost, nothing twice
+    assert ra == rb
+    shards_a = sorted(p.name for p in (a / "shards").iterdir())
+    assert shards_a == sorted(p.name for p in (b / "shards").iterdir())
+    for name in shards_a:  # (bytes can differ: safetensors writes its metadata map in no fixed order)
+        with (
+            safe_open(str(a / "shards" / name), framework="pt") as x,
+            safe_open(str(b / "shards" / name), framework="pt") as y,
+        ):
+            assert x.metadata() == y.metadata()
+            assert torch.equal(x.get_tensor("features"), y.get_tensor("features"))
+
+
+# --------------------------------------------------------------------------- no Ray started
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"num_workers": 0}, r"num_workers=0 is out of range; allowed: 1 <= num_workers <= 4096"),
+        ({"cpus_per_worker": 0}, r"cpus_per_worker=0 is out of range"),
+        ({"gpus_per_worker": -1.0}, r"gpus_per_worker=-1.0 is out of range; allowed: 0 <= gpus_per_worker <= 64"),
+        ({"address": ""}, r"address='' must be a non-empty string or None"),
+    ],
+)
+def test_ray_options_name_the_bad_value(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        RayOptions(**kwargs)
+
+
+def test_ray_flags_without_ray_are_an_error() -> None:
+    from argparse import Namespace
+
+    args = Namespace(ray=False, num_workers=2, cpus_per_worker=None, gpus_per_worker=None, ray_address=None)
+    with pytest.raises(ValueError, match="--num-workers only apply with --ray"):
+        ray_options_from_args(args)
+    assert ray_options_from_args(Namespace(ray=False, num_workers=None)) is None
+    opts = ray_options_from_args(
+        Namespace(ray=True, num_workers=2, cpus_per_worker=None, gpus_per_worker=None, ray_address="auto")
+    )
+    assert opts == RayOptions(num_workers=2, address="auto")
+
+
+def test_missing_ray_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)
+    with pytest.raises(ImportError, match=r"pip install 'esamp-agents\[ray\]'"):
+        require_ray()
+    assert "esamp-agents[ray]" in RAY_MISSING
+
+
+def test_cli_rejects_ray_flags_before_loading(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    from esamp_agents.cli import main
+
+    code = main(["collect", "--task", "single_digit:2", "--out", str(tmp_path / "c"), "--num-workers", "2"])
+    assert code == 2
+    assert "--num-workers only apply with --ray" in capsys.readouterr().err
+    code = main(["collect", "--task", "single_digit:2", "--out", str(tmp_path / "c"), "--ray", "--num-workers", "0"])
+    assert code == 2
+    assert "num_workers=0 is out of range" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+
+
+# --------------------------------------------------------------------------- a local Ray cluster
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray = pytest.importorskip("ray")
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
+            configure_logging=False,
+        )  # fmt: skip
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def problems():
+    return generate_problems("single_digit", 4, seed=2)
+
+
+@pytest.fixture(scope="module")
+def spec(embedded):
+    return hidden_spec(embedded, (15, -1))
+
+
+@pytest.fixture(scope="module")
+def local(tmp_path_factory, engine, problems, spec) -> Path:
+    """The single-process reference, with one torch thread like each Ray actor."""
+    out = tmp_path_factory.mktemp("local") / "c"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        collect(engine, problems, out, sampling=SAMPLING, esamp=ESAMP, spec=spec, prompts_per_call=PER_CALL,
+                progress=False)  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def _ray(problems, out: Path, spec, workers: int):
+    return collect_ray(
+        problems, out, sampling=SAMPLING, esamp=ESAMP, spec=spec, prompts_per_call=PER_CALL,
+        ray_options=RayOptions(num_workers=workers), progress=False,
+    )  # fmt: skip
+
+
+@LOOPBACK
+@pytest.mark.model
+def test_ray_with_two_workers_equals_single_process(ray_cluster, local: Path, tmp_path: Path, problems, spec) -> None:
+    summary = _ray(problems, tmp_path / "ray", spec, workers=2)
+    assert (summary.problems_done, summary.problems_skipped, summary.candidates, summary.calls) == (4, 0, 8, 2)
+    _same_folder(local, tmp_path / "ray")
+    manifest = json.loads((tmp_path / "ray" / "manifest.json").read_text())
+    assert manifest["esamp"]["warm_start_steps"] == 2 and manifest["spec"] is not None
+
+
+@LOOPBACK
+@pytest.mark.model
+def test_ray_resumes_a_crashed_run_without_loss_or_duplicates(
+    ray_cluster, local: Path, tmp_path: Path, problems, spec
+) -> None:
+    crashed = tmp_path / "crashed"
+    shutil.copytree(local, crashed)
+    lines = (crashed / RECORDS).read_bytes().splitlines(keepends=True)
+    first_call = [line for line in lines if json.loads(line)["call"] == 0]
+    (crashed / RECORDS).write_bytes(b"".join(first_call) + lines[len(first_call)][:41])  # torn mid-write
+    summary = _ray(problems, crashed, spec, workers=1)
+    assert (summary.problems_done, summary.problems_skipped, summary.candidates) == (2, 2, 4)
+    _same_folder(local, crashed)
+    again = _ray(problems, crashed, spec, workers=1)  # complete: starts no actor, writes nothing
+    assert (again.problems_done, again.problems_skipped) == (0, 4)
+    _same_folder(local, crashed)

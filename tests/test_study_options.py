@@ -1,0 +1,119 @@
+"""The knobs the configuration study sweeps: sampler options, the shared Distiller, the paper preset."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from esamp_agents import ESampParams, SamplingParams
+from esamp_agents.collect import MANIFEST, collect, read_records
+from esamp_agents.distiller import BatchedDistiller
+from esamp_agents.eval_harness import Sampler, parse_sampler
+from esamp_agents.tasks import generate_problems
+
+
+def test_paper_preset_is_the_papers_recipe() -> None:
+    paper = ESampParams.paper()
+    assert (paper.beta, paper.distiller_width, paper.lr, paper.warm_start_steps, paper.shared_distiller) == (
+        0.25, 384, 4e-4, 0, False,
+    )  # fmt: skip
+    assert ESampParams.paper(beta=0.5).beta == 0.5
+
+
+def test_shared_distiller_must_be_a_bool() -> None:
+    with pytest.raises(ValueError, match=r"shared_distiller='yes' must be True or False"):
+        ESampParams(shared_distiller="yes")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("spec", "name"),
+    [
+        ("vanilla:t=0.5", "vanilla:t=0.5"),
+        ("minp:0.05:t=1.0", "minp:0.05:t=1"),
+        ("esamp:0.1:warm20:t=1:min_p=0.05:shared:width=128", "esamp:0.1:warm20:width=128:shared:min_p=0.05:t=1"),
+        ("esamp:0.25:warm20:warm_lr=0.0005", "esamp:0.25:warm20:warm_lr=0.0005"),
+    ],
+)
+def test_sampler_options_have_one_canonical_name(spec: str, name: str) -> None:
+    sampler = parse_sampler(spec)
+    assert sampler.name == name
+    assert parse_sampler(sampler.name) == sampler
+    assert ":" not in sampler.folder
+
+
+def test_sampler_options_reach_the_parameters() -> None:
+    s = parse_sampler("esamp:0.1:warm20:width=128:shared:min_p=0.05:t=1")
+    es = s.esamp_params()
+    assert (es.beta, es.warm_start_steps, es.distiller_width, es.shared_distiller) == (0.1, 20, 128, True)
+    sp = s.sampling_params(n=4, temperature=0.7, top_k=50, top_p=1.0, max_tokens=8, seed=0)
+    assert (sp.temperature, sp.min_p) == (1.0, 0.05)
+    plain = parse_sampler("vanilla").sampling_params(n=4, temperature=0.7, top_k=50, top_p=1.0, max_tokens=8, seed=0)
+    assert plain.temperature == 0.7  # no t= option: the run's shared temperature
+
+
+@pytest.mark.parametrize(
+    ("spec", "match"),
+    [
+        ("vanilla:shared", r"option 'shared' is not understood here"),
+        ("minp:0.1:width=3", r"option 'width=3' is not understood here"),
+        ("esamp:0.1:t=0", r"t=0.0 is out of range; allowed: 0 < t <= 10"),
+        ("esamp:0.1:width=0", r"width='0' is out of range; allowed: 1 <= width <= 65536"),
+        ("esamp:0.1:warm_lr=2", r"warm_lr=2.0 is out of range; allowed: 0 < warm_lr <= 1"),
+        ("esamp:0.1:min_p=1", r"min_p=1.0 is out of range; allowed: 0 < min_p < 1"),
+        ("esamp:t=1:0.1", r"options must come after BETA/STEPS/P"),
+        ("esamp:0.1:t=1:t=2", r"option 't=2' is not understood here"),
+        ("esamp:0.1:colour=red", r"option 'colour=red' is not understood"),
+    ],
+)
+def test_bad_sampler_options_name_the_value(spec: str, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        parse_sampler(spec)
+
+
+def test_sampler_dataclass_checks_its_fields() -> None:
+    with pytest.raises(ValueError, match="not a valid sampler"):
+        Sampler("vanilla", shared_distiller=True)
+    with pytest.raises(ValueError, match="distiller_width=0 is out of range"):
+        Sampler("esamp", beta=0.1, distiller_width=0)
+
+
+def test_one_shared_distiller_trains_on_all_rows() -> None:
+    """Shared = a BatchedDistiller over one group holding every prompt's rows."""
+    params = ESampParams(distiller_width=8)
+    shared = BatchedDistiller(1, 6, params, generator=torch.Generator().manual_seed(0))
+    h1, target = torch.randn(1, 4, 6), torch.randn(1, 4, 6)
+    live = torch.tensor([[True, True, False, True]])
+    _, novelty, loss = shared.predict_and_loss(h1, target, live)
+    assert loss.shape == (1,) and novelty.shape == (1, 4)
+    before = [w.detach().clone() for w in shared.weights]
+    shared.step(loss)
+    assert all(not torch.equal(a, b) for a, b in zip(before, shared.weights, strict=True))
+
+
+@pytest.mark.model
+def test_engine_shared_distiller_reports_one_curve_for_every_prompt(engine) -> None:
+    sp = SamplingParams(n=2, max_new_tokens=6, seed=3, ignore_eos=True)
+    shared = engine.generate(["What is 2+3?", "Name a colour."], sp, ESampParams(shared_distiller=True))
+    per_prompt = engine.generate(["What is 2+3?", "Name a colour."], sp, ESampParams())
+    assert len(shared[0].distiller_loss) == len(shared[1].distiller_loss) == 5
+    assert shared[0].distiller_loss == shared[1].distiller_loss
+    assert per_prompt[0].distiller_loss != per_prompt[1].distiller_loss
+
+
+@pytest.mark.model
+def test_collect_records_the_distiller_loss_and_the_dtype(engine, tmp_path: Path) -> None:
+    problems = generate_problems("single_digit", 2, seed=5)
+    sp = SamplingParams(n=2, max_new_tokens=6, seed=1, ignore_eos=True)
+    collect(engine, problems, tmp_path / "c", sampling=sp, esamp=ESampParams(beta=0.25), progress=False)
+    records = read_records(tmp_path / "c")
+    assert [len(r["distiller_loss"]) if r["distiller_loss"] else None for r in records] == [5, None, 5, None]
+    manifest = json.loads((tmp_path / "c" / MANIFEST).read_text())
+    assert manifest["dtype"] == "float32"
+    # A folder written before dtype and shared_distiller were recorded still resumes.
+    del manifest["dtype"], manifest["esamp"]["shared_distiller"]
+    (tmp_path / "c" / MANIFEST).write_text(json.dumps(manifest))
+    again = collect(engine, problems, tmp_path / "c", sampling=sp, esamp=ESampParams(beta=0.25), progress=False)
+    assert (again.problems_done, again.problems_skipped) == (0, 2)
