@@ -27,6 +27,10 @@ def _key(record: dict) -> tuple[str, int]:
     return record["problem_id"], record["sample"]
 
 
+def _records(folder: Path) -> list[dict]:
+    return sorted(read_records(folder), key=_key)
+
+
 def _same_folder(a: Path, b: Path) -> None:
     """Same records (file order may differ: Ray returns calls as they finish) and equal shards."""
     ra, rb = sorted(read_records(a), key=_key), sorted(read_records(b), key=_key)
@@ -164,3 +168,34 @@ def test_ray_resumes_a_crashed_run_without_loss_or_duplicates(
     again = _ray(problems, crashed, spec, workers=1)  # complete: starts no actor, writes nothing
     assert (again.problems_done, again.problems_skipped) == (0, 4)
     _same_folder(local, crashed)
+
+
+@LOOPBACK
+@pytest.mark.model
+def test_eval_on_ray_generates_the_same_candidates(ray_cluster, local: Path, tmp_path: Path, engine, problems) -> None:
+    from esamp_agents.eval_harness import GENERATIONS, run_eval
+
+    results = run_eval(
+        problems, ["esamp:0.25:warm2"], n=2, ks=[1, 2], out_dir=tmp_path / "eval", engine=engine, diversity=False,
+        plots=False, seed=SAMPLING.seed, max_tokens=SAMPLING.max_new_tokens, prompts_per_call=PER_CALL, progress=False,
+        ray_options=RayOptions(num_workers=1), model_load={"model": "embedded", "device": "cpu"},
+    )  # fmt: skip
+    assert results["samplers"]["esamp:0.25:warm2"]["candidates"] == 8
+    drop = ("shard", "offset", "length")  # the reference stored features; eval without a head does not
+    got = [
+        {k: v for k, v in r.items() if k not in drop}
+        for r in _records(tmp_path / "eval" / GENERATIONS / "esamp_0.25_warm2")
+    ]
+    want = [{k: v for k, v in r.items() if k not in drop} for r in _records(local)]
+    assert got == want
+
+
+def test_eval_ray_arguments_are_checked_before_work(engine, problems, tmp_path: Path) -> None:
+    from esamp_agents.eval_harness import run_eval
+
+    common = {"n": 2, "ks": [1], "out_dir": tmp_path / "e", "engine": engine, "diversity": False, "plots": False}
+    with pytest.raises(ValueError, match="model_load only applies with ray_options"):
+        run_eval(problems, ["vanilla"], **common, model_load={"model": "embedded"})
+    with pytest.raises(ValueError, match=r"allowed keys are model \(required\), dtype, device"):
+        run_eval(problems, ["vanilla"], **common, ray_options=RayOptions(), model_load={"model": "x", "colour": 1})
+    assert not (tmp_path / "e").exists()
