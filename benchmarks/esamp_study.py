@@ -46,6 +46,7 @@ DEFAULT_OUT = ROOT / "benchmarks" / "out" / "esamp_study"
 # Problem sets earlier sessions looked at (reported on or picked a setting with): never reused here.
 SEEN_PROBLEM_SETS = ("single_digit:200:0:test", "single_digit:48:1:test")
 WARM = "warm20"
+DEFAULT_PROBLEMS = 200
 
 
 def group_samplers(group: str, beta: float) -> list[str]:
@@ -78,7 +79,8 @@ def study_problems(task: str, count: int, seed: int) -> list[Problem]:
     fresh = sorted((p for p in everything if p.id not in seen), key=lambda p: p.id)
     if not 1 <= count <= len(fresh):
         raise ValueError(f"problems={count} is out of range; allowed: 1 <= problems <= {len(fresh)} for {task}")
-    return random.Random(f"esamp-study:{task}:{seed}").sample(fresh, count)
+    # a smaller count is a prefix of the default draw (a quick report reads the same cache)
+    return random.Random(f"esamp-study:{task}:{seed}").sample(fresh, max(count, DEFAULT_PROBLEMS))[:count]
 
 
 def _engine(dtype: str) -> Any:
@@ -342,7 +344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in ("generate", "report"):
         p = sub.add_parser(name)
         p.add_argument("--out", default=str(DEFAULT_OUT))
-        p.add_argument("--problems", type=int, default=200)
+        p.add_argument("--problems", type=int, default=DEFAULT_PROBLEMS)
         p.add_argument("--n", type=int, default=16)
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--max-tokens", type=int, default=64)
