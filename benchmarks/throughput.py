@@ -56,9 +56,11 @@ def prompts_for(engine: ESampEngine, p: int) -> list[list[int]]:
     return [engine.loaded.chat_token_ids([{"role": "user", "content": q}]) for q in QUESTIONS[:p]]
 
 
-def run_ours(engine: ESampEngine, prompts: list[list[int]], sampling: SamplingParams, beta: float) -> dict[str, float]:
+def run_ours(
+    engine: ESampEngine, prompts: list[list[int]], sampling: SamplingParams, beta: float, warm: int = 0
+) -> dict[str, float]:
     start = time.perf_counter()
-    out = engine.generate(prompts, sampling, ESampParams(beta=beta))
+    out = engine.generate(prompts, sampling, ESampParams(beta=beta, warm_start_steps=warm if beta else 0))
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "tokens": out.stats.generated_tokens, "distiller_seconds": out.stats.distiller_seconds}
 
@@ -111,7 +113,7 @@ def bench_shape(engine: ESampEngine, p: int, n: int, args: argparse.Namespace) -
     modes = ["off", "on"] + ([] if args.no_hf else ["hf"])
     run = {
         "off": lambda: run_ours(engine, prompts, sampling, 0.0),
-        "on": lambda: run_ours(engine, prompts, sampling, args.beta),
+        "on": lambda: run_ours(engine, prompts, sampling, args.beta, args.warm_start_steps),
         "hf": lambda: run_hf(engine, prompts, sampling),
     }
     for mode in modes:  # warm-up, not recorded
@@ -158,7 +160,8 @@ def peak_rss_mb(mode: str, shape: str, args: argparse.Namespace) -> dict[str, fl
         "base=rss();peak=[base];done=threading.Event();"
         "t=threading.Thread(target=lambda: [peak.append(max(peak[-1],rss())) or time.sleep(0.005) "
         "for _ in iter(lambda: done.is_set(), True)]);t.start();"
-        f"e.generate(pr,s,ESampParams(beta={args.beta if mode == 'on' else 0.0}));"
+        f"e.generate(pr,s,ESampParams(beta={args.beta if mode == 'on' else 0.0},"
+        f"warm_start_steps={args.warm_start_steps if mode == 'on' else 0}));"
         "done.set();t.join();print(base, peak[-1])"
     )
     root = Path(__file__).resolve().parent.parent
@@ -173,6 +176,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--beta", type=float, default=0.25)
+    parser.add_argument("--warm-start-steps", type=int, default=0, help="ESamp warm start (0 = the paper's recipe)")
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--top-k", type=int, default=50)
     parser.add_argument("--top-p", type=float, default=1.0)
