@@ -24,7 +24,7 @@ from esamp_agents.cli_reward import add_reward_commands
 from esamp_agents.demo import DEMO_BETA
 from esamp_agents.eval_harness import add_eval_command, run_eval_command
 from esamp_agents.loading import EMBEDDED, LoadedModel, ModelLoadError, load_model
-from esamp_agents.params import ESampParams, SamplingParams
+from esamp_agents.params import ESAMP_PRESETS, ESampParams, SamplingParams, esamp_preset
 from esamp_agents.results import Candidate, GenerationResult
 from esamp_agents.server import add_serve_command, run_serve
 
@@ -76,12 +76,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("prompt", nargs="?", help="the prompt (or use --prompts-file)")
     g.add_argument("-n", type=int, default=8, help="candidates per prompt (default 8)")
-    g.add_argument("--beta", type=float, default=ESampParams.beta, help="ESamp strength, 0 = off (default 0.25)")
+    g.add_argument(
+        "--preset",
+        choices=ESAMP_PRESETS,
+        default="default",
+        help=f"ESamp settings: default (beta {ESampParams.beta}, warm start {ESampParams.warm_start_steps} steps) "
+        "or paper (beta 0.25, no warm start); --beta/--warm-start-steps override it",
+    )
+    g.add_argument("--beta", type=float, default=None, help="ESamp strength, 0 = off (default: the preset's)")
     g.add_argument(
         "--warm-start-steps",
         type=int,
-        default=ESampParams.warm_start_steps,
-        help="fit each prompt's Distiller on its prefill states first (0 = paper recipe, default)",
+        default=None,
+        help="fit each prompt's Distiller on its prefill states first (0 = the paper's recipe; default: the preset's)",
     )
     g.add_argument("--temperature", type=float, default=SamplingParams.temperature, help="default 0.7; 0 = greedy")
     g.add_argument("--top-k", type=int, default=SamplingParams.top_k, help="default 50; 0 = off")
@@ -241,7 +248,7 @@ def run_generate(args: argparse.Namespace, out: TextIO) -> int:
         stop=tuple(_unescape(s) for s in args.stop),
         seed=args.seed,
     )
-    esamp = ESampParams(beta=args.beta, warm_start_steps=args.warm_start_steps)
+    esamp = esamp_preset(args.preset, beta=args.beta, warm_start_steps=args.warm_start_steps)
 
     from tqdm.auto import tqdm
 

@@ -7,7 +7,7 @@ starts, with a message that names the value and the allowed range.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 MAX_TOP_LOGPROBS = 20
@@ -130,6 +130,20 @@ class ESampParams:
         return self.beta > 0.0
 
 
+ESAMP_PRESETS = ("default", "paper")
+
+
+def esamp_preset(name: str, **overrides: Any) -> ESampParams:
+    """``"default"`` (this package's measured defaults) or ``"paper"``, with non-None overrides applied."""
+    if name == "default":
+        base = ESampParams()
+    elif name == "paper":
+        base = ESampParams.paper()
+    else:
+        raise ValueError(f"preset={name!r} is not known; allowed: {', '.join(ESAMP_PRESETS)}")
+    return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
+
 def split_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """Split flat keyword arguments into (sampling, esamp, rest)."""
     s_names = {f.name for f in fields(SamplingParams)}
@@ -140,4 +154,13 @@ def split_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]
     return sampling, esamp, rest
 
 
-__all__ = ["MAX_TOP_LOGPROBS", "ESampParams", "SamplingParams", "check_int", "check_range", "split_kwargs"]
+__all__ = [
+    "ESAMP_PRESETS",
+    "MAX_TOP_LOGPROBS",
+    "ESampParams",
+    "SamplingParams",
+    "check_int",
+    "check_range",
+    "esamp_preset",
+    "split_kwargs",
+]

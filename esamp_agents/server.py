@@ -15,7 +15,7 @@ Request fields, with OpenAI's semantics: ``model``, ``messages`` / ``prompt``, `
 ``stop`` (a string or up to 4), ``seed``, ``stream`` (n = 1 only) with ``stream_options``
 ``{"include_usage": true}``; chat ``logprobs: true`` + ``top_logprobs`` (0..20); completions
 ``logprobs: int`` (0..20; OpenAI caps it at 5). Extra body fields (``extra_body`` in the
-``openai`` client): ESamp's ``beta`` (0 = plain sampling; default 0.25 or ``--beta``),
+``openai`` client): ESamp's ``beta`` (0 = plain sampling; default ``--preset``'s or ``--beta``),
 ``distiller_width``, ``distiller_lr`` (alias ``lr``), ``adam_eps``, ``grad_clip``,
 ``warm_start_steps``, ``warm_start_lr``, and the sampling filters ``top_k`` (default 0 =
 off, as OpenAI has none) and ``min_p``, and ``ignore_eos``. Harmless OpenAI fields (``user``,
@@ -56,7 +56,7 @@ from typing import Any, TextIO
 
 from esamp_agents.langchain_common import TokenRenderer, openai_logprobs
 from esamp_agents.loading import EMBEDDED, LoadedModel, load_model
-from esamp_agents.params import MAX_TOP_LOGPROBS, ESampParams, SamplingParams
+from esamp_agents.params import ESAMP_PRESETS, MAX_TOP_LOGPROBS, ESampParams, SamplingParams, esamp_preset
 from esamp_agents.results import Candidate, GenerationResult
 
 DEFAULT_HOST = "127.0.0.1"
@@ -1087,7 +1087,13 @@ def add_serve_command(subparsers: Any, add_model_args: Callable[[argparse.Argume
     s.add_argument("--served-model-name", default=None, help="the model name clients send (default: --model)")
     s.add_argument("--accept-any-model", action="store_true", help="serve any requested model name")
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every request")
-    s.add_argument("--beta", type=float, default=ESampParams.beta, help="default ESamp strength (0 = off)")
+    s.add_argument(
+        "--preset",
+        choices=ESAMP_PRESETS,
+        default="default",
+        help="ESamp settings for requests: default (the package's) or paper (beta 0.25, no warm start)",
+    )
+    s.add_argument("--beta", type=float, default=None, help="default ESamp strength (0 = off; default: the preset's)")
     s.add_argument("--temperature", type=float, default=1.0, help="default temperature (default 1, as OpenAI)")
     s.add_argument("--top-k", type=int, default=0, help="default top-k filter (default 0 = off, as OpenAI)")
     s.add_argument(
@@ -1112,7 +1118,7 @@ def run_serve(args: argparse.Namespace, out: TextIO | None = None) -> int:
     _check_port(args.port)
     for name in ("default_max_tokens", "max_batch_tokens", "max_queue"):
         _positive(name.replace("_", "-"), getattr(args, name))
-    esamp = ESampParams(beta=args.beta)
+    esamp = esamp_preset(args.preset, beta=args.beta)
     SamplingParams(temperature=args.temperature, top_k=args.top_k)  # range checks only
     defaults = ServeDefaults(
         temperature=args.temperature, top_k=args.top_k, max_tokens=args.default_max_tokens, esamp=esamp

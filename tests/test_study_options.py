@@ -117,3 +117,23 @@ def test_collect_records_the_distiller_loss_and_the_dtype(engine, tmp_path: Path
     (tmp_path / "c" / MANIFEST).write_text(json.dumps(manifest))
     again = collect(engine, problems, tmp_path / "c", sampling=sp, esamp=ESampParams(beta=0.25), progress=False)
     assert (again.problems_done, again.problems_skipped) == (0, 2)
+
+
+def test_presets_and_overrides() -> None:
+    from esamp_agents.params import esamp_preset
+
+    assert esamp_preset("paper") == ESampParams.paper()
+    assert esamp_preset("default") == ESampParams()
+    tuned = esamp_preset("paper", beta=0.5, warm_start_steps=None)  # None = keep the preset's
+    assert (tuned.beta, tuned.warm_start_steps) == (0.5, 0)
+    with pytest.raises(ValueError, match=r"preset='fast' is not known; allowed: default, paper"):
+        esamp_preset("fast")
+
+
+def test_generate_and_serve_take_a_preset() -> None:
+    from esamp_agents.cli import build_parser
+
+    args = build_parser().parse_args(["generate", "hi", "--preset", "paper"])
+    assert (args.preset, args.beta, args.warm_start_steps) == ("paper", None, None)
+    args = build_parser().parse_args(["serve", "--preset", "paper", "--beta", "0.3"])
+    assert (args.preset, args.beta) == ("paper", 0.3)
