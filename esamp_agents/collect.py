@@ -117,7 +117,7 @@ def make_manifest(
         "model": loaded.name,
         "hidden_size": loaded.hidden_size,
         "num_layers": loaded.num_layers,
-        "dtype": str(getattr(loaded.model, "dtype", "")).removeprefix("torch."),
+        "dtype": loaded.dtype_name,
         "spec": spec.to_dict() if spec is not None else None,
         "sampling": _plain(asdict(sampling)),
         "esamp": _plain(asdict(esamp)),

@@ -87,6 +87,11 @@ def require_ray() -> Any:
     return ray
 
 
+def _identity(loaded: Any) -> str:
+    """What must match between the driver (which writes the manifest) and every actor."""
+    return f"{loaded.name} ({loaded.dtype_name})"
+
+
 class CallWorker:
     """A Ray Data actor: loads the model once, then runs one engine call per input row."""
 
@@ -118,13 +123,14 @@ class CallWorker:
         from esamp_agents.collect import generate_call
 
         out: dict[str, list[Any]] = {"call": [], "records": [], "shard": [], "model": []}
+        identity = _identity(self.engine.loaded)
         for call, problems in zip(batch["call"], batch["problems"], strict=True):
             chunk = [Problem(**p) for p in json.loads(problems)]
             result = generate_call(self.engine, chunk, int(call), self.sampling, self.esamp, self.spec, self.suffix)
             out["call"].append(result.call)
             out["records"].append(json.dumps(result.records, allow_nan=False, ensure_ascii=False))
             out["shard"].append(result.shard if result.shard is not None else b"")
-            out["model"].append(self.engine.loaded.name)
+            out["model"].append(identity)
         return out
 
 
@@ -203,8 +209,11 @@ def collect_ray(
     bar = tqdm(total=sum(sizes.values()), disable=not progress, unit="problem", desc=f"collect x{options.num_workers}")
     try:
         for row in outputs.iter_rows():
-            if row["model"] != engine.loaded.name:
-                raise RuntimeError(f"a Ray actor loaded {row['model']!r}, the driver {engine.loaded.name!r}")
+            if row["model"] != _identity(engine.loaded):
+                raise RuntimeError(
+                    f"a Ray actor loaded {row['model']!r} but the driver {_identity(engine.loaded)!r}; "
+                    "give the dtype (and device) explicitly when driver and actors have different hardware"
+                )
             shard = bytes(row["shard"]) or None
             write_call(plan.out, CallOutput(int(row["call"]), json.loads(row["records"]), shard), summary)
             bar.update(sizes[int(row["call"])])

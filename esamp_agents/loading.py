@@ -66,6 +66,11 @@ class LoadedModel:
         return next(self.model.parameters()).device
 
     @property
+    def dtype_name(self) -> str:
+        """The model's dtype as a plain name ('float32', 'bfloat16', ...), as folders record it."""
+        return str(getattr(self.model, "dtype", "")).removeprefix("torch.")
+
+    @property
     def hidden_size(self) -> int:
         cfg = self.config
         return int(getattr(cfg, "hidden_size", None) or cfg.n_embd)
