@@ -17,9 +17,11 @@ Layout of ``out_dir``:
 - ``results.json``: settings and every metric per sampler (written atomically);
 - ``pass_at_k.png``, ``best_of_n.png``, ``diversity_quality.png``.
 
-Samplers are strings: ``vanilla`` (plain sampling), ``esamp`` / ``esamp:BETA`` /
-``esamp:BETA:warmSTEPS`` (Exploratory Sampling) and ``minp:P`` (plain sampling with min-p);
-temperature, top-k, top-p and the token budget are shared, and every sampler uses the same seed.
+Samplers are strings: ``vanilla`` (plain sampling), ``esamp`` (the package's ESamp defaults),
+``esamp:BETA`` (no warm start) / ``esamp:BETA:warmSTEPS`` (Exploratory Sampling) and ``minp:P``
+(plain sampling with min-p), each with optional ``:key=value`` options (:data:`SAMPLER_USAGE`);
+temperature, top-k, top-p and the token budget are shared unless a sampler sets ``:t=``, and
+every sampler uses the same seed.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ TIMING = "timing.json"
 PLOT_FILES = ("pass_at_k.png", "best_of_n.png", "diversity_quality.png")
 SCORE_NAMES = ("mean_logprob", "reward")
 SAMPLER_USAGE = (
-    "allowed: vanilla, esamp, esamp:BETA, esamp:BETA:warmSTEPS (0 < BETA <= 100, 0 <= STEPS <= 10000), "
+    "allowed: vanilla, esamp (the defaults), esamp:BETA, esamp:BETA:warmSTEPS (0 < BETA <= 100, 0 <= STEPS <= 10000), "
     "minp:P (0 < P < 1), each optionally followed by ':t=TEMPERATURE' (0 < T <= 10); esamp also by "
     "':warm_lr=LR' (0 < LR <= 1), ':width=W' (1 <= W <= 65536), ':shared' (one Distiller for all prompts) "
     "and ':min_p=P'"
@@ -243,7 +245,7 @@ def parse_sampler(spec: str | Sampler) -> Sampler:
             raise ValueError(
                 f"sampler {spec!r}: BETA={beta!r} is out of range; allowed: 0 < BETA <= 100 (for beta 0 use 'vanilla')"
             )
-        warm = 0
+        warm = 0 if positional else ESampParams.warm_start_steps  # bare 'esamp': the package defaults
         if len(positional) == 2:
             match = re.fullmatch(r"warm(\d+)", positional[1])
             if match is None or int(match.group(1)) > 10000:
@@ -261,7 +263,7 @@ def parse_sampler(spec: str | Sampler) -> Sampler:
 
 
 def parse_samplers(specs: Sequence[str | Sampler]) -> list[Sampler]:
-    """Parse every sampler; two spellings of the same sampler (``esamp`` and ``esamp:0.25``) are rejected."""
+    """Parse every sampler; two spellings of the same sampler (``esamp`` and ``esamp:0.1:warm20``) are rejected."""
     if isinstance(specs, (str, Sampler)) or not isinstance(specs, Sequence) or not specs:
         raise ValueError(f"samplers={specs!r} must be a non-empty list; {SAMPLER_USAGE}")
     out: list[Sampler] = []
@@ -1054,9 +1056,10 @@ def add_eval_command(subparsers: Any, add_model_args: Callable[[argparse.Argumen
     e.add_argument(
         "--samplers",
         nargs="+",
-        default=["vanilla", "esamp:0.25"],
+        default=["vanilla", "esamp"],
         metavar="SAMPLER",
-        help="vanilla, esamp[:BETA[:warmSTEPS]], minp:P (default: vanilla esamp:0.25)",
+        help="vanilla, esamp[:BETA[:warmSTEPS]], minp:P, each with :key=value options "
+        "(default: vanilla esamp = the package's ESamp defaults)",
     )
     e.add_argument("-n", type=int, default=8, help="candidates per problem (default 8)")
     e.add_argument("--ks", type=int, nargs="+", default=None, help="k values (default: powers of 2 up to n, and n)")

@@ -167,12 +167,13 @@ class ESampLangChainMixin(BaseModel):
     """Alternatives per token in the logprobs (implies ``logprobs=True`` when > 0)."""
 
     beta: float = _ESAMP_DEFAULTS.beta
-    """Exploration strength; 0 switches ESamp off (plain sampling)."""
+    """Exploration strength; 0 switches ESamp off (plain sampling). The paper's is 0.25."""
     distiller_width: int = _ESAMP_DEFAULTS.distiller_width
     distiller_lr: float = Field(default=_ESAMP_DEFAULTS.lr, validation_alias=AliasChoices("distiller_lr", "lr"))
     adam_eps: float = _ESAMP_DEFAULTS.adam_eps
     grad_clip: float = _ESAMP_DEFAULTS.grad_clip
     warm_start_steps: int = _ESAMP_DEFAULTS.warm_start_steps
+    """Adam steps fitting each prompt's Distiller on its prefill states first (0 = the paper's recipe)."""
     warm_start_lr: float = _ESAMP_DEFAULTS.warm_start_lr
 
     streaming: bool = False

@@ -199,7 +199,10 @@ def test_missing_matplotlib_skips_plots_with_a_message(runs, engine, head_path, 
 
 def test_sampler_strings() -> None:
     assert parse_sampler("vanilla") == Sampler("vanilla")
-    assert parse_sampler("esamp") == parse_sampler("esamp:0.250") == Sampler("esamp", beta=0.25)
+    assert (
+        parse_sampler("esamp") == parse_sampler("esamp:0.10:warm20") == Sampler("esamp", beta=0.1, warm_start_steps=20)
+    )
+    assert parse_sampler("esamp:0.250") == Sampler("esamp", beta=0.25)  # the paper's recipe: no warm start
     assert parse_sampler("esamp:0.5:warm4").name == "esamp:0.5:warm4"
     assert parse_sampler("esamp:0.5:warm4").folder == "esamp_0.5_warm4"
     assert parse_sampler("esamp:1").name == "esamp:1" and parse_sampler("minp:0.05").folder == "minp_0.05"

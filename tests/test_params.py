@@ -97,16 +97,13 @@ def test_stop_is_normalised_to_a_tuple():
     assert SamplingParams(stop=["a", "b"]).stop == ("a", "b")
 
 
-def test_esamp_defaults_are_the_paper_recipe():
+def test_esamp_defaults_are_the_measured_small_scale_ones():
     e = ESampParams()
-    assert (e.beta, e.distiller_width, e.lr, e.adam_eps, e.grad_clip, e.warm_start_steps) == (
-        0.25,
-        384,
-        4e-4,
-        1e-4,
-        0.5,
-        0,
-    )
+    assert (e.beta, e.distiller_width, e.lr, e.adam_eps, e.grad_clip, e.warm_start_steps, e.warm_start_lr) == (
+        0.1, 384, 4e-4, 1e-4, 0.5, 20, 2e-3,
+    )  # fmt: skip
+    paper = ESampParams.paper()
+    assert (paper.beta, paper.warm_start_steps, paper.shared_distiller) == (0.25, 0, False)
     assert e.enabled
     assert not ESampParams(beta=0).enabled
     assert ESampParams(beta=100).beta == 100
