@@ -854,12 +854,21 @@ def _series(by_k: Mapping[str, Interval], ks: Sequence[int]) -> tuple[list[int],
     return [k for k, _ in rows], [v["mean"] for _, v in rows], [v["low"] for _, v in rows], [v["high"] for _, v in rows]
 
 
+def _style(i: int, count: int) -> tuple[Any, str]:
+    """A distinct (color, marker) per sampler: matplotlib's 10 colors, then tab20 and other markers."""
+    if count <= 10:
+        return f"C{i}", "o"
+    from matplotlib import colormaps
+
+    return colormaps["tab20"](i % 20), "osD^v<>p"[(i // 20) % 8]
+
+
 def _curves(ax: Any, results: Mapping[str, Any], pick: Callable[[Mapping[str, Any]], Mapping[str, Interval]]) -> None:
     ks = results["settings"]["ks"]
     for i, (name, res) in enumerate(results["samplers"].items()):
         xs, mean, low, high = _series(pick(res), ks)
-        color = f"C{i % 10}"
-        ax.plot(xs, mean, marker="o", color=color, label=name)
+        color, marker = _style(i, len(results["samplers"]))
+        ax.plot(xs, mean, marker=marker, color=color, label=name)
         ax.fill_between(xs, low, high, color=color, alpha=0.18, linewidth=0)
     ax.set_xscale("log", base=2)
     ax.set_xticks(ks, [str(k) for k in ks])
@@ -962,8 +971,8 @@ def write_plots(results: Mapping[str, Any], out_dir: str | Path) -> list[str]:
             ax.errorbar(
                 x["mean"],
                 y["mean"],
-                color=f"C{i % 10}",
-                marker="o",
+                color=_style(i, len(samplers))[0],
+                marker=_style(i, len(samplers))[1],
                 markersize=7,
                 capsize=3,
                 label=name,

@@ -137,3 +137,12 @@ def test_generate_and_serve_take_a_preset() -> None:
     assert (args.preset, args.beta, args.warm_start_steps) == ("paper", None, None)
     args = build_parser().parse_args(["serve", "--preset", "paper", "--beta", "0.3"])
     assert (args.preset, args.beta) == ("paper", 0.3)
+
+
+def test_plots_give_every_sampler_its_own_style_beyond_ten() -> None:
+    pytest.importorskip("matplotlib")
+    from esamp_agents.eval_harness import _style
+
+    styles = [(tuple(_style(i, 14)[0]), _style(i, 14)[1]) for i in range(14)]
+    assert len(set(styles)) == 14
+    assert [_style(i, 3)[0] for i in range(3)] == ["C0", "C1", "C2"]
