@@ -74,8 +74,8 @@ def test_esamp_bonus_only_on_survivors_and_sparse_equals_dense(engine: ESampEngi
 
 def test_distiller_loss_falls_during_a_real_run(engine: ESampEngine, chat_prompt: str) -> None:
     sp = SamplingParams(n=4, max_new_tokens=40, seed=3, stop=("<|im_end|>",))
-    out = engine.generate(
-        [chat_prompt.replace("briefly", "in detail")], sp, ESampParams(beta=0.25), add_special_tokens=False
+    out = engine.generate(  # the paper's fresh Distiller: it must learn from the decode alone
+        [chat_prompt.replace("briefly", "in detail")], sp, ESampParams.paper(), add_special_tokens=False
     )
     losses = out[0].distiller_loss
     assert len(losses) >= 20

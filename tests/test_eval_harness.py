@@ -240,7 +240,7 @@ def test_bad_sampler_strings_are_rejected(spec: str, message: str) -> None:
 
 def test_bad_lists_are_rejected() -> None:
     with pytest.raises(ValueError, match="same sampler"):
-        parse_samplers(["esamp", "esamp:0.25"])
+        parse_samplers(["esamp", "esamp:0.1:warm20"])
     with pytest.raises(ValueError, match="non-empty"):
         parse_samplers([])
     for ks, message in (([0], "1 <= k <= n = 2"), ([3], "1 <= k <= n = 2"), ([], "non-empty"), ([1, 1], "twice")):

@@ -11,6 +11,7 @@ from langchain_core.caches import InMemoryCache
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.globals import get_llm_cache, set_llm_cache
 
+from esamp_agents import ESampParams
 from esamp_agents.engine import ESampEngine
 from esamp_agents.llm import ESampLLM
 from esamp_agents.loading import ModelLoadError
@@ -261,4 +262,4 @@ def test_tracing_params_follow_per_call_model(llm):
     assert params["ls_stop"] == ["x"]
     assert llm._get_ls_params(model="other")["ls_model_name"] == "other"
     assert llm._llm_type == "esamp"
-    assert llm._identifying_params["beta"] == 0.25
+    assert llm._identifying_params["beta"] == ESampParams().beta
