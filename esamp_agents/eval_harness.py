@@ -968,11 +968,12 @@ def write_plots(results: Mapping[str, Any], out_dir: str | Path) -> list[str]:
             x, y = res["diversity"][x_key], pick(res)
             if not x or x["mean"] is None or y["mean"] is None:
                 continue
+            color, marker = _style(i, len(samplers))
             ax.errorbar(
                 x["mean"],
                 y["mean"],
-                color=_style(i, len(samplers))[0],
-                marker=_style(i, len(samplers))[1],
+                color=color,
+                marker=marker,
                 markersize=7,
                 capsize=3,
                 label=name,
