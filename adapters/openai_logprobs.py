@@ -1,9 +1,9 @@
 """The logit-only reward: the ELHSR gated linear head on token logprobs, for closed APIs.
 
 Closed models expose no hidden states, only per-token logprobs with at most 20 alternatives.
-:class:`LogprobReward` turns those (features of :mod:`esamp_agents.logprob_features`, a
+:class:`LogprobReward` turns those (features of :mod:`esamp_agents.hidden_reward.logprob_features`, a
 documented DEVIATION from the paper's full-logit mode) into one score per candidate with a
-:class:`~esamp_agents.reward_head.GatedLinearHead` whose spec has ``kind="logprobs"``. The same
+:class:`~esamp_agents.hidden_reward.head.GatedLinearHead` whose spec has ``kind="logprobs"``. The same
 features come from a local model's logits (:func:`local_features`), so a head trained offline
 on the embedded model applies unchanged to API responses.
 
@@ -56,13 +56,13 @@ from typing import Any, Literal
 
 import torch
 
-from esamp_agents.logprob_features import (
+from esamp_agents.hidden_reward.head import GatedLinearHead, IncompatibleHeadError, load_head
+from esamp_agents.hidden_reward.logprob_features import (
     LogprobsMissingError,
     features_from_logits,
     features_from_openai,
     logprob_feature_dim,
 )
-from esamp_agents.reward_head import GatedLinearHead, IncompatibleHeadError, load_head
 
 OnMissing = Literal["raise", "nan"]
 OnEmpty = Literal["nan", "zero"]
@@ -439,7 +439,7 @@ class LogprobReward:
         """[T_i, dim] tensors -> one head score each (0 for T = 0)."""
         if not features:
             return []
-        from esamp_agents.reward_training import pad_features
+        from esamp_agents.hidden_reward.training import pad_features
 
         x, mask = pad_features([f.float() for f in features])
         with torch.no_grad():

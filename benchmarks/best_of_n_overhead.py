@@ -28,10 +28,10 @@ from langchain_core.messages import HumanMessage
 
 from esamp_agents import load_model
 from esamp_agents.atomic import atomic_write_json
-from esamp_agents.best_of_n import BestOfN
-from esamp_agents.chat_model import ChatESamp
-from esamp_agents.hidden_reward import HiddenStateReward
-from esamp_agents.tasks import generate_problems
+from esamp_agents.evaluation.tasks import generate_problems
+from esamp_agents.hidden_reward.reward import HiddenStateReward
+from esamp_agents.langchain.chat_model import ChatESamp
+from esamp_agents.selection.best_of_n import BestOfN
 
 OUT = Path(__file__).resolve().parent / "out" / "best_of_n_overhead.json"
 

@@ -38,8 +38,8 @@ from tqdm import tqdm
 
 from esamp_agents import ESampParams, SamplingParams, load_model
 from esamp_agents.atomic import atomic_write_bytes
-from esamp_agents.engine import ESampEngine
-from esamp_agents.metrics import (
+from esamp_agents.decoding.engine import ESampEngine
+from esamp_agents.evaluation.metrics import (
     bootstrap_ci,
     distinct_n,
     load_embedder,

@@ -5,8 +5,8 @@ filters, on problems from the package's own seeded task generators that were use
 nothing else, with N candidates per problem; every metric comes with a bootstrap interval over
 problems, and every ESamp config gets a paired difference against its plain twin.
 
-Two phases, both resumable (generations are cached by ``esamp_agents.collect`` through
-``esamp_agents.eval_harness``, one folder per sampler; a killed run redoes at most one engine call):
+Two phases, both resumable (generations are cached by ``esamp_agents.hidden_reward.collect`` through
+``esamp_agents.evaluation.harness``, one folder per sampler; a killed run redoes at most one engine call):
 
     # generate (run groups on separate cores: OMP_NUM_THREADS=1 taskset -c 0 ...)
     python benchmarks/esamp_study.py generate --task single_digit --group core
@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from esamp_agents.tasks import Problem, available_problems, generate_problems, load_problems  # noqa: E402
+from esamp_agents.evaluation.tasks import Problem, available_problems, generate_problems, load_problems  # noqa: E402
 
 DEFAULT_OUT = ROOT / "benchmarks" / "out" / "esamp_study"
 # Problem sets earlier sessions looked at (reported on or picked a setting with): never reused here.
@@ -84,14 +84,14 @@ def study_problems(task: str, count: int, seed: int) -> list[Problem]:
 
 
 def _engine(dtype: str) -> Any:
-    from esamp_agents.engine import ESampEngine
-    from esamp_agents.loading import load_model
+    from esamp_agents.decoding.engine import ESampEngine
+    from esamp_agents.decoding.loading import load_model
 
     return ESampEngine(load_model("embedded", dtype=dtype))
 
 
 def _run(args: argparse.Namespace, samplers: Sequence[str], *, report: bool) -> dict[str, Any]:
-    from esamp_agents.eval_harness import run_eval
+    from esamp_agents.evaluation.harness import run_eval
 
     problems = study_problems(args.task, args.problems, args.seed)
     return run_eval(
@@ -135,8 +135,8 @@ def _known_samplers() -> list[str]:
 
 def _complete_samplers(task_dir: Path, problems: Sequence[Problem], n: int, extra: Sequence[str]) -> list[str]:
     """Samplers whose cache folder holds all ``n`` candidates of every problem."""
-    from esamp_agents.collect import read_records
-    from esamp_agents.eval_harness import GENERATIONS, parse_sampler
+    from esamp_agents.evaluation.harness import GENERATIONS, parse_sampler
+    from esamp_agents.hidden_reward.collect import read_records
 
     wanted = {p.id for p in problems}
     found = []
@@ -154,7 +154,7 @@ def _complete_samplers(task_dir: Path, problems: Sequence[Problem], n: int, extr
 
 def _twin(name: str) -> str:
     """The plain sampler an ESamp sampler is compared with: same temperature and min-p."""
-    from esamp_agents.eval_harness import parse_sampler
+    from esamp_agents.evaluation.harness import parse_sampler
 
     s = parse_sampler(name)
     plain = f"minp:{s.min_p}" if s.min_p else "vanilla"
@@ -165,9 +165,9 @@ def _per_problem(groups: list[list[dict[str, Any]]], rewards: list[float], seed:
     """One value per problem for each paired metric (subsets of 8 drawn the same way for every sampler)."""
     import numpy as np
 
-    from esamp_agents.evaluation import Group, select_accuracy
-    from esamp_agents.metrics import pass_at_k
-    from esamp_agents.tasks import answers_match
+    from esamp_agents.evaluation.metrics import pass_at_k
+    from esamp_agents.evaluation.selectors import Group, select_accuracy
+    from esamp_agents.evaluation.tasks import answers_match
 
     out: dict[str, list[float]] = {m: [] for m in DIFF_METRICS}
     n = len(groups[0])
@@ -194,7 +194,7 @@ def _per_problem(groups: list[list[dict[str, Any]]], rewards: list[float], seed:
 
 def _paired(a: Sequence[float], b: Sequence[float], seed: int, resamples: int = 2000) -> dict[str, float]:
     """Mean of a - b over problems with a 95% bootstrap interval (problems resampled, pairs kept)."""
-    from esamp_agents.metrics import bootstrap_ci
+    from esamp_agents.evaluation.metrics import bootstrap_ci
 
     mean, low, high = bootstrap_ci([x - y for x, y in zip(a, b, strict=True)], resamples=resamples, seed=seed)
     return {"mean": mean, "low": low, "high": high}
@@ -212,9 +212,9 @@ def _loss_curve(groups: list[list[dict[str, Any]]]) -> list[float]:
 
 
 def _report_task(args: argparse.Namespace, task: str, engine: Any) -> dict[str, Any] | None:
-    from esamp_agents.collect import read_records
-    from esamp_agents.eval_harness import GENERATIONS, _grouped, parse_sampler, reward_scores, run_eval
-    from esamp_agents.hidden_reward import HiddenStateReward
+    from esamp_agents.evaluation.harness import GENERATIONS, _grouped, parse_sampler, reward_scores, run_eval
+    from esamp_agents.hidden_reward.collect import read_records
+    from esamp_agents.hidden_reward.reward import HiddenStateReward
 
     task_dir = Path(args.out) / task
     problems = study_problems(task, args.problems, args.seed)

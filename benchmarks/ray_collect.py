@@ -38,7 +38,7 @@ OUT = ROOT / "benchmarks" / "out"
 
 def _settings(args: argparse.Namespace) -> tuple[Any, Any, list[Any]]:
     from esamp_agents import ESampParams, SamplingParams
-    from esamp_agents.tasks import load_problems
+    from esamp_agents.evaluation.tasks import load_problems
 
     sampling = SamplingParams(n=args.n, max_new_tokens=args.max_tokens, seed=args.seed)
     return sampling, ESampParams(beta=0.1, warm_start_steps=20), load_problems(args.task)
@@ -46,9 +46,9 @@ def _settings(args: argparse.Namespace) -> tuple[Any, Any, list[Any]]:
 
 def _run(args: argparse.Namespace, mode: str, out: Path) -> dict[str, Any]:
     """One collection: ``local`` or ``rayN`` (N actors)."""
-    from esamp_agents.collect import collect
-    from esamp_agents.distributed import RayOptions, collect_ray
-    from esamp_agents.engine import ESampEngine
+    from esamp_agents.decoding.engine import ESampEngine
+    from esamp_agents.hidden_reward.collect import collect
+    from esamp_agents.hidden_reward.collect_ray import RayOptions, collect_ray
 
     sampling, esamp, problems = _settings(args)
     start = time.perf_counter()
@@ -63,7 +63,7 @@ def _run(args: argparse.Namespace, mode: str, out: Path) -> dict[str, Any]:
 
 
 def _records(folder: Path) -> list[dict[str, Any]]:
-    from esamp_agents.collect import read_records
+    from esamp_agents.hidden_reward.collect import read_records
 
     return sorted(read_records(folder), key=lambda r: (r["problem_id"], r["sample"]))
 

@@ -5,7 +5,7 @@
 
 Stages, each cached under ``--work-dir`` so an interrupted run goes on where it stopped:
 
-1. sample (``esamp_agents.collect``): training problems from the ``train`` split and held-out
+1. sample (``esamp_agents.hidden_reward.collect``): training problems from the ``train`` split and held-out
    problems from the ``test`` split of the ``single_digit`` task (no arithmetic fact of the
    test split appears in training under any phrasing); tokens, top-20 logprobs and labels.
 2. features: one post-hoc forward of the policy model per set gives every head's hidden-state
@@ -34,14 +34,14 @@ import torch
 
 from esamp_agents import ESampParams, SamplingParams, load_model
 from esamp_agents.atomic import atomic_write_json
-from esamp_agents.collect import collect, load_examples, read_records
-from esamp_agents.engine import ESampEngine
-from esamp_agents.evaluation import Group, best_of_n, unbiased_pass_at_k
-from esamp_agents.features import hidden_spec
-from esamp_agents.logprob_features import token_features
-from esamp_agents.reward_head import FeatureSpec, GatedLinearHead, save_head
-from esamp_agents.reward_training import Example, fit
-from esamp_agents.tasks import answers_match, generate_problems
+from esamp_agents.decoding.engine import ESampEngine
+from esamp_agents.evaluation.selectors import Group, best_of_n, unbiased_pass_at_k
+from esamp_agents.evaluation.tasks import answers_match, generate_problems
+from esamp_agents.hidden_reward.collect import collect, load_examples, read_records
+from esamp_agents.hidden_reward.features import hidden_spec
+from esamp_agents.hidden_reward.head import FeatureSpec, GatedLinearHead, save_head
+from esamp_agents.hidden_reward.logprob_features import token_features
+from esamp_agents.hidden_reward.training import Example, fit
 
 OUT = Path(__file__).resolve().parent / "out" / "reward_bon"
 TOP_K = 20
@@ -184,7 +184,7 @@ def observer_overhead(engine: ESampEngine, head: GatedLinearHead, args: argparse
     """Decode throughput with the streamed reward (RewardObserver) on vs off, interleaved, medians."""
     import statistics
 
-    from esamp_agents.features import RewardObserver
+    from esamp_agents.hidden_reward.features import RewardObserver
 
     problems = generate_problems("single_digit", 4, seed=args.seed + 1, split="test")
     prompts = [engine.loaded.chat_token_ids([{"role": "user", "content": p.prompt()}]) for p in problems]

@@ -31,7 +31,7 @@ import torch
 
 from esamp_agents import ESampParams, SamplingParams, load_model
 from esamp_agents.atomic import atomic_write_json
-from esamp_agents.engine import ESampEngine
+from esamp_agents.decoding.engine import ESampEngine
 
 QUESTIONS = [
     "Explain step by step how to compute 17 * 23.",

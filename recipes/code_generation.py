@@ -1,7 +1,7 @@
 """Code generation: N candidate programs, each tested in a sandboxed subprocess, the best one kept.
 
 The recipe (:func:`code_generation_chain`): sample N candidate answers with
-:class:`~esamp_agents.best_of_n.BestOfN` -> extract each one's program from its markdown fence
+:class:`~esamp_agents.selection.best_of_n.BestOfN` -> extract each one's program from its markdown fence
 (:func:`extract_code`) -> run the given tests against every program in its own subprocess
 (:func:`run_tests`) -> choose by tests passed, then the reward, then the shortest program,
 then the earliest candidate.
@@ -55,8 +55,8 @@ from typing import Any
 
 from langchain_core.runnables import Runnable, RunnableLambda, RunnablePassthrough
 
-from esamp_agents.best_of_n import BestOfN, BestOfNResult
-from esamp_agents.rewards import CallableReward
+from esamp_agents.selection.best_of_n import BestOfN, BestOfNResult
+from esamp_agents.selection.rewards import CallableReward
 
 DEFAULT_TIMEOUT = 10.0
 DEFAULT_MEMORY_MB = 1024

@@ -3,13 +3,13 @@
 :func:`math_reasoning_chain` builds one LCEL runnable. It puts the question and an
 answer-format instruction to the model, samples ``n`` candidates (by default ``ChatESamp`` on
 the embedded SmolLM2-135M-Instruct: one batched ESamp decode), reads each candidate's final
-answer with :func:`esamp_agents.tasks.extract_answer`, and picks the answer with the largest
+answer with :func:`esamp_agents.evaluation.tasks.extract_answer`, and picks the answer with the largest
 total vote weight, each candidate weighing ``softmax(z(reward) / vote_temperature)``
-(:class:`~esamp_agents.best_of_n.BestOfN` with ``strategy="vote"``: self-consistency where
+(:class:`~esamp_agents.selection.best_of_n.BestOfN` with ``strategy="vote"``: self-consistency where
 better-scored reasoning counts more).
 
 The default reward, ``reward="shipped"``, is the ELHSR hidden-state reward head shipped for
-the embedded model (:meth:`~esamp_agents.hidden_reward.HiddenStateReward.shipped`): it reads
+the embedded model (:meth:`~esamp_agents.hidden_reward.reward.HiddenStateReward.shipped`): it reads
 the model's hidden states during the same decode, so scoring costs no second pass. If the
 installation lacks the head file, the chain warns (``RuntimeWarning``) and falls back to
 plain majority vote; ``reward=None`` asks for majority vote without the warning. The shipped
@@ -25,10 +25,10 @@ from typing import Any
 
 from langchain_core.runnables import Runnable, RunnableLambda, RunnablePassthrough
 
-from esamp_agents.best_of_n import BestOfN, BestOfNResult
-from esamp_agents.loading import EMBEDDED
-from esamp_agents.rewards import ScoredCandidate
-from esamp_agents.tasks import DEFAULT_SUFFIX, answers_match, extract_answer
+from esamp_agents.decoding.loading import EMBEDDED
+from esamp_agents.evaluation.tasks import DEFAULT_SUFFIX, answers_match, extract_answer
+from esamp_agents.selection.best_of_n import BestOfN, BestOfNResult
+from esamp_agents.selection.rewards import ScoredCandidate
 
 SHIPPED = "shipped"
 DEFAULT_N = 8
@@ -64,7 +64,7 @@ class MathResult:
 
 
 def _is_embedded(model: Any) -> bool:
-    from esamp_agents.langchain_common import ESampLangChainMixin
+    from esamp_agents.langchain.common import ESampLangChainMixin
 
     if not isinstance(model, ESampLangChainMixin):
         return False
@@ -84,7 +84,7 @@ def _resolve_reward(reward: Any, model: Any) -> Any:
                 f"reward='shipped' fits only the embedded model, not {type(model).__name__}; "
                 "allowed: reward=None (majority vote) or a Reward for your model"
             )
-        from esamp_agents.hidden_reward import HiddenStateReward
+        from esamp_agents.hidden_reward.reward import HiddenStateReward
 
         loaded = model.loaded_model if model.loaded_model is not None else EMBEDDED
         try:
@@ -143,7 +143,7 @@ def math_reasoning_chain(
     their defaults). ``reward``: ``"shipped"`` (default, see the module docstring), any
     BestOfN reward, or None for plain majority vote. ``suffix`` is appended to the question
     (the answer-format instruction the extractor relies on). The input is a question string,
-    a ``{"question": ..., "answer": ...}`` dict or a :class:`~esamp_agents.tasks.Problem`;
+    a ``{"question": ..., "answer": ...}`` dict or a :class:`~esamp_agents.evaluation.tasks.Problem`;
     with a reference answer the result says whether the vote got it right.
 
     Example:
@@ -160,7 +160,7 @@ def math_reasoning_chain(
     if not isinstance(suffix, str):
         raise ValueError(f"suffix={suffix!r} is not a str; allowed: a string ('' for none)")
     if model is None or isinstance(model, str):
-        from esamp_agents.chat_model import ChatESamp
+        from esamp_agents.langchain.chat_model import ChatESamp
 
         model = ChatESamp(model=model or EMBEDDED, beta=beta, temperature=temperature, max_tokens=max_tokens, seed=seed)
     else:

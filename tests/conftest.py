@@ -17,13 +17,13 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 @pytest.fixture(scope="session")
 def embedded():
     """The embedded SmolLM2-135M-Instruct as a shared LoadedModel."""
-    from esamp_agents.loading import load_model
+    from esamp_agents.decoding.loading import load_model
 
     return load_model("embedded", device="cpu")
 
 
 @pytest.fixture(scope="session")
 def engine(embedded):
-    from esamp_agents.engine import ESampEngine
+    from esamp_agents.decoding.engine import ESampEngine
 
     return ESampEngine(embedded)

@@ -14,7 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, GemmaConfig, GPT2Config, LlamaConfig, Qwen2Config
 
 from esamp_agents import ESampParams, SamplingParams, load_model
-from esamp_agents.engine import ESampEngine
+from esamp_agents.decoding.engine import ESampEngine
 
 try:
     from transformers import Gemma2Config

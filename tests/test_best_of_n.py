@@ -20,8 +20,8 @@ from langchain_core.outputs import ChatGeneration, ChatResult
 from langchain_core.prompts import ChatPromptTemplate
 from pydantic import Field
 
-from esamp_agents.best_of_n import BestOfN, BestOfNError, BestOfNResult, RewardError
-from esamp_agents.rewards import CallableReward, ScoredCandidate
+from esamp_agents.selection.best_of_n import BestOfN, BestOfNError, BestOfNResult, RewardError
+from esamp_agents.selection.rewards import CallableReward, ScoredCandidate
 
 # --------------------------------------------------------------------------- fakes
 
@@ -468,8 +468,8 @@ class NormReward:
 
 @pytest.mark.model
 def test_esamp_decode_time_reward_in_one_engine_call(embedded, monkeypatch):
-    from esamp_agents.chat_model import ChatESamp
-    from esamp_agents.engine import ESampEngine
+    from esamp_agents.decoding.engine import ESampEngine
+    from esamp_agents.langchain.chat_model import ChatESamp
 
     engine_calls: list[int] = []
     original = ESampEngine.generate
@@ -503,8 +503,8 @@ def test_esamp_observers_keyword_is_validated(embedded):
     from langchain_core.caches import InMemoryCache
     from langchain_core.messages import HumanMessage
 
-    from esamp_agents.chat_model import ChatESamp
-    from esamp_agents.llm import ESampLLM
+    from esamp_agents.langchain.chat_model import ChatESamp
+    from esamp_agents.langchain.llm import ESampLLM
 
     chat = ChatESamp(loaded_model=embedded, max_tokens=4, seed=0)
     with pytest.raises(ValueError, match=r"observers=.*is not a sequence"):
@@ -523,9 +523,9 @@ def test_esamp_observers_keyword_is_validated(embedded):
 @pytest.mark.model
 def test_real_chain_with_the_shipped_head_answers_arithmetic(embedded):
     """The issue's chain: prompt | BestOfN(ChatESamp, reward=<shipped head>) | StrOutputParser."""
-    from esamp_agents.chat_model import ChatESamp
-    from esamp_agents.hidden_reward import HiddenStateReward
-    from esamp_agents.tasks import DEFAULT_SUFFIX, answers_match, extract_answer
+    from esamp_agents.evaluation.tasks import DEFAULT_SUFFIX, answers_match, extract_answer
+    from esamp_agents.hidden_reward.reward import HiddenStateReward
+    from esamp_agents.langchain.chat_model import ChatESamp
 
     prompt = ChatPromptTemplate.from_messages([("human", "{question} " + DEFAULT_SUFFIX)])
     chat = ChatESamp(loaded_model=embedded, temperature=0.7, max_tokens=48, seed=0)

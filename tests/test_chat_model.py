@@ -12,8 +12,8 @@ from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.globals import get_llm_cache, set_llm_cache
 from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, SystemMessage
 
-from esamp_agents.chat_model import ChatESamp, message_to_dict
-from esamp_agents.engine import ESampEngine
+from esamp_agents.decoding.engine import ESampEngine
+from esamp_agents.langchain.chat_model import ChatESamp, message_to_dict
 
 pytestmark = pytest.mark.model
 

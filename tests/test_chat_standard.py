@@ -14,8 +14,8 @@ import pytest
 from langchain_tests.integration_tests import ChatModelIntegrationTests
 from langchain_tests.unit_tests import ChatModelUnitTests
 
-from esamp_agents.chat_model import ChatESamp
-from esamp_agents.loading import load_model
+from esamp_agents.decoding.loading import load_model
+from esamp_agents.langchain.chat_model import ChatESamp
 
 
 class _NoToolsMixin:

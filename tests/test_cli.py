@@ -10,9 +10,9 @@ import sys
 
 import pytest
 
-from esamp_agents import demo
-from esamp_agents.cli import _unescape, main, read_prompts_file
-from esamp_agents.results import Candidate
+from esamp_agents.cli import demo
+from esamp_agents.cli.app import _unescape, main, read_prompts_file
+from esamp_agents.decoding.results import Candidate
 
 FAST = ["--max-tokens", "6", "--seed", "0"]
 
@@ -193,7 +193,7 @@ def _cand(index: int, text: str, lps: list[float]) -> Candidate:
 
 
 def test_make_questions_is_seeded_held_out_single_digit_arithmetic():
-    from esamp_agents.tasks import generate_problems, key_split
+    from esamp_agents.evaluation.tasks import generate_problems, key_split
 
     qs = demo.make_questions(20, seed=3)
     assert qs == demo.make_questions(20, seed=3)

@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from esamp_agents.cli import main
-from esamp_agents.cli_reward import parse_layers
-from esamp_agents.reward_head import load_head
+from esamp_agents.cli.app import main
+from esamp_agents.cli.reward import parse_layers
+from esamp_agents.hidden_reward.head import load_head
 
 
 def run(argv: list[str]) -> tuple[int, str]:

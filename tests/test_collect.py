@@ -12,7 +12,8 @@ import torch
 from safetensors import safe_open
 
 from esamp_agents import ESampParams, SamplingParams
-from esamp_agents.collect import (
+from esamp_agents.evaluation.tasks import extract_answer, generate_problems
+from esamp_agents.hidden_reward.collect import (
     MANIFEST,
     RECORDS,
     CollectFormatError,
@@ -21,8 +22,7 @@ from esamp_agents.collect import (
     read_manifest,
     read_records,
 )
-from esamp_agents.features import hidden_spec, posthoc_features
-from esamp_agents.tasks import extract_answer, generate_problems
+from esamp_agents.hidden_reward.features import hidden_spec, posthoc_features
 
 SAMPLING = SamplingParams(n=2, max_new_tokens=24, temperature=0.7, seed=7)
 ESAMP = ESampParams(beta=0.25)

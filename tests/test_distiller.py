@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from esamp_agents.distiller import BatchedDistiller
-from esamp_agents.params import ESampParams
+from esamp_agents.decoding.distiller import BatchedDistiller
+from esamp_agents.decoding.params import ESampParams
 
 D = 16
 

@@ -12,10 +12,16 @@ import torch
 from safetensors import safe_open
 
 from esamp_agents import ESampParams, SamplingParams
-from esamp_agents.collect import RECORDS, collect, read_records
-from esamp_agents.distributed import RAY_MISSING, RayOptions, collect_ray, ray_options_from_args, require_ray
-from esamp_agents.features import hidden_spec
-from esamp_agents.tasks import generate_problems
+from esamp_agents.evaluation.tasks import generate_problems
+from esamp_agents.hidden_reward.collect import RECORDS, collect, read_records
+from esamp_agents.hidden_reward.collect_ray import (
+    RAY_MISSING,
+    RayOptions,
+    collect_ray,
+    ray_options_from_args,
+    require_ray,
+)
+from esamp_agents.hidden_reward.features import hidden_spec
 
 SAMPLING = SamplingParams(n=2, max_new_tokens=12, temperature=0.7, seed=11)
 ESAMP = ESampParams(beta=0.25, warm_start_steps=2)
@@ -85,7 +91,7 @@ def test_missing_ray_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 def test_cli_rejects_ray_flags_before_loading(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    from esamp_agents.cli import main
+    from esamp_agents.cli.app import main
 
     code = main(["collect", "--task", "single_digit:2", "--out", str(tmp_path / "c"), "--num-workers", "2"])
     assert code == 2
@@ -173,7 +179,7 @@ def test_ray_resumes_a_crashed_run_without_loss_or_duplicates(
 @LOOPBACK
 @pytest.mark.model
 def test_eval_on_ray_generates_the_same_candidates(ray_cluster, local: Path, tmp_path: Path, engine, problems) -> None:
-    from esamp_agents.eval_harness import GENERATIONS, run_eval
+    from esamp_agents.evaluation.harness import GENERATIONS, run_eval
 
     results = run_eval(
         problems, ["esamp:0.25:warm2"], n=2, ks=[1, 2], out_dir=tmp_path / "eval", engine=engine, diversity=False,
@@ -191,7 +197,7 @@ def test_eval_on_ray_generates_the_same_candidates(ray_cluster, local: Path, tmp
 
 
 def test_eval_ray_arguments_are_checked_before_work(engine, problems, tmp_path: Path) -> None:
-    from esamp_agents.eval_harness import run_eval
+    from esamp_agents.evaluation.harness import run_eval
 
     common = {"n": 2, "ks": [1], "out_dir": tmp_path / "e", "engine": engine, "diversity": False, "plots": False}
     with pytest.raises(ValueError, match="model_load only applies with ray_options"):

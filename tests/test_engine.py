@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from esamp_agents import ESampParams, SamplingParams
-from esamp_agents.engine import ESampEngine
-from esamp_agents.sampling import filter_candidates
+from esamp_agents.decoding.engine import ESampEngine
+from esamp_agents.decoding.sampling import filter_candidates
 
 PLAIN = ESampParams(beta=0.0)
 

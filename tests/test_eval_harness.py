@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from esamp_agents.cli import _add_model_args
-from esamp_agents.collect import CollectFormatError, read_records
-from esamp_agents.eval_harness import (
+from esamp_agents.cli.app import _add_model_args
+from esamp_agents.evaluation.harness import (
     GENERATIONS,
     PLOT_FILES,
     RESULTS,
@@ -31,9 +30,10 @@ from esamp_agents.eval_harness import (
     run_eval_command,
     write_plots,
 )
-from esamp_agents.features import hidden_spec, posthoc_rewards
-from esamp_agents.reward_head import GatedLinearHead, load_head, save_head
-from esamp_agents.tasks import load_problems
+from esamp_agents.evaluation.tasks import load_problems
+from esamp_agents.hidden_reward.collect import CollectFormatError, read_records
+from esamp_agents.hidden_reward.features import hidden_spec, posthoc_rewards
+from esamp_agents.hidden_reward.head import GatedLinearHead, load_head, save_head
 
 TASK = "single_digit:2:0:test"
 SAMPLERS = ["vanilla", "esamp:0.25"]

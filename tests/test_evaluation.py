@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from esamp_agents.evaluation import Group, best_of_n, select_accuracy, unbiased_pass_at_k
+from esamp_agents.evaluation.selectors import Group, best_of_n, select_accuracy, unbiased_pass_at_k
 
 
 def eq(a, b):

@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from esamp_agents import ESampParams, SamplingParams
-from esamp_agents.features import (
+from esamp_agents.hidden_reward.features import (
     RewardObserver,
     TokenFeatureRecorder,
     hidden_spec,
     posthoc_features,
     posthoc_rewards,
 )
-from esamp_agents.reward_head import FeatureSpec, GatedLinearHead, IncompatibleHeadError
+from esamp_agents.hidden_reward.head import FeatureSpec, GatedLinearHead, IncompatibleHeadError
 
 LAYERS = (3, 15, -1)
 # stop at "." cuts some candidates by a stop string; others end with EOS or at the length limit

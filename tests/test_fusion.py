@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from esamp_agents.fusion import check_weights, fuse, minmax, sanitize, worst_rank, zscore
+from esamp_agents.selection.fusion import check_weights, fuse, minmax, sanitize, worst_rank, zscore
 
 A = [1.0, 2.0, 3.0]  # z = [-1.2247, 0, 1.2247]; min-max = [0, .5, 1]; ranks = [3, 2, 1]
 B = [3.0, 3.0, 0.0]  # z = [.7071, .7071, -1.4142]; min-max = [1, 1, 0]; ranks = [1, 1, 3]

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from esamp_agents import ESampParams, SamplingParams
-from esamp_agents.features import hidden_spec
-from esamp_agents.hidden_reward import HiddenStateReward, shipped_head_path
-from esamp_agents.reward_head import FeatureSpec, GatedLinearHead, IncompatibleHeadError, load_head, save_head
+from esamp_agents.hidden_reward.features import hidden_spec
+from esamp_agents.hidden_reward.head import FeatureSpec, GatedLinearHead, IncompatibleHeadError, load_head, save_head
+from esamp_agents.hidden_reward.reward import HiddenStateReward, shipped_head_path
 
 pytestmark = pytest.mark.model
 QUESTION = "What is 3 + 4?"

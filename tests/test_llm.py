@@ -12,9 +12,9 @@ from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.globals import get_llm_cache, set_llm_cache
 
 from esamp_agents import ESampParams
-from esamp_agents.engine import ESampEngine
-from esamp_agents.llm import ESampLLM
-from esamp_agents.loading import ModelLoadError
+from esamp_agents.decoding.engine import ESampEngine
+from esamp_agents.decoding.loading import ModelLoadError
+from esamp_agents.langchain.llm import ESampLLM
 
 pytestmark = pytest.mark.model
 

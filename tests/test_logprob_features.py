@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from esamp_agents.logprob_features import (
+from esamp_agents.hidden_reward.logprob_features import (
     LOGPROB_FLOOR,
     LogprobsMissingError,
     features_from_logits,

@@ -35,8 +35,8 @@ from esamp_agents.adapters.openai_logprobs import (
     read_candidates,
     sample_with_logprobs,
 )
-from esamp_agents.logprob_features import LogprobsMissingError
-from esamp_agents.reward_head import FeatureSpec, GatedLinearHead, IncompatibleHeadError, save_head
+from esamp_agents.hidden_reward.head import FeatureSpec, GatedLinearHead, IncompatibleHeadError, save_head
+from esamp_agents.hidden_reward.logprob_features import LogprobsMissingError
 
 LOOPBACK = pytest.mark.allow_hosts(["127.0.0.1"])
 TOP_K = 20
@@ -155,7 +155,7 @@ def test_every_shape_gives_the_same_scores():
     assert reward.score_response([c["logprobs"] for c in body["choices"]]) == pytest.approx(from_dict, abs=1e-6)
 
     # Best-of-N protocol: candidates with generation_info (merged response_metadata) and an AIMessage output
-    from esamp_agents.rewards import ScoredCandidate
+    from esamp_agents.selection.rewards import ScoredCandidate
 
     cands = [ScoredCandidate(i, m, "ab", dict(m.response_metadata)) for i, m in enumerate(messages)]
     assert reward.needs_logprobs is True and reward.name == "logprob_reward"
@@ -436,7 +436,7 @@ def _ids_from_bytes(embedded: Any, logprobs: Any) -> list[int]:
 
 @pytest.fixture(scope="module")
 def server(embedded) -> Iterator[Any]:
-    from esamp_agents.server import Server
+    from esamp_agents.serving.server import Server
 
     with Server(embedded, port=0) as srv:
         yield srv

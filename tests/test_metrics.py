@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from esamp_agents import metrics
-from esamp_agents.loading import ModelLoadError
-from esamp_agents.metrics import (
+from esamp_agents.decoding.loading import ModelLoadError
+from esamp_agents.evaluation import metrics
+from esamp_agents.evaluation.metrics import (
     bootstrap_ci,
     distinct_n,
     embed,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from esamp_agents.params import MAX_TOP_LOGPROBS, ESampParams, SamplingParams, split_kwargs
+from esamp_agents.decoding.params import MAX_TOP_LOGPROBS, ESampParams, SamplingParams, split_kwargs
 
 NAN = float("nan")
 INF = float("inf")

@@ -17,7 +17,6 @@ from langchain_core.tools import tool
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import BaseModel, Field, PrivateAttr
 
-from esamp_agents.best_of_n import BestOfNError, RewardError
 from esamp_agents.recipes.tool_agent import (
     BestOfNChatModel,
     BestOfNStep,
@@ -27,7 +26,8 @@ from esamp_agents.recipes.tool_agent import (
     render_reply,
     tool_checks,
 )
-from esamp_agents.rewards import CallableReward
+from esamp_agents.selection.best_of_n import BestOfNError, RewardError
+from esamp_agents.selection.rewards import CallableReward
 
 # --------------------------------------------------------------------------- tools and fakes
 

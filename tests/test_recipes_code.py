@@ -22,7 +22,7 @@ from esamp_agents.recipes.code_generation import (
     extract_code,
     run_tests,
 )
-from esamp_agents.rewards import CallableReward
+from esamp_agents.selection.rewards import CallableReward
 
 HUMANEVAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "HumanEval.jsonl.gz"
 

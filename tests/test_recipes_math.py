@@ -12,14 +12,14 @@ import pytest
 import torch
 from langchain_core.language_models.fake_chat_models import FakeListChatModel
 
-from esamp_agents.best_of_n import BestOfNResult
-from esamp_agents.features import hidden_spec
-from esamp_agents.hidden_reward import shipped_head_path
+from esamp_agents.evaluation.tasks import DEFAULT_SUFFIX, extract_answer
+from esamp_agents.hidden_reward.features import hidden_spec
+from esamp_agents.hidden_reward.head import GatedLinearHead, save_head
+from esamp_agents.hidden_reward.reward import shipped_head_path
 from esamp_agents.recipes import math_reasoning
 from esamp_agents.recipes.math_reasoning import MathResult, math_reasoning_chain
-from esamp_agents.reward_head import GatedLinearHead, save_head
-from esamp_agents.rewards import CallableReward
-from esamp_agents.tasks import DEFAULT_SUFFIX, extract_answer
+from esamp_agents.selection.best_of_n import BestOfNResult
+from esamp_agents.selection.rewards import CallableReward
 
 pytestmark = pytest.mark.model
 
@@ -95,7 +95,7 @@ def shipped_or_random_head(embedded, tmp_path, monkeypatch) -> bool:
     with torch.no_grad():
         head.linear.weight.copy_(torch.randn(2, spec.dim, generator=g) / spec.dim**0.5)
     path = save_head(head, tmp_path / "head.safetensors")
-    monkeypatch.setattr("esamp_agents.hidden_reward.shipped_head_path", lambda: path)
+    monkeypatch.setattr("esamp_agents.hidden_reward.reward.shipped_head_path", lambda: path)
     return False
 
 
@@ -156,12 +156,12 @@ def test_prompt_carries_the_answer_format_suffix():
 
 
 def test_missing_shipped_head_falls_back_to_majority_with_a_warning(monkeypatch):
-    from esamp_agents.chat_model import ChatESamp
+    from esamp_agents.langchain.chat_model import ChatESamp
 
     def missing() -> Any:
         raise FileNotFoundError("the shipped reward head is missing from the installation: /nowhere")
 
-    monkeypatch.setattr("esamp_agents.hidden_reward.shipped_head_path", missing)
+    monkeypatch.setattr("esamp_agents.hidden_reward.reward.shipped_head_path", missing)
     with pytest.warns(RuntimeWarning, match="falls back to plain majority vote"):
         math_reasoning_chain(n=4)  # ChatESamp loads lazily: no model load, no decode here
     with pytest.warns(RuntimeWarning, match="falls back to plain majority vote"):
@@ -173,7 +173,7 @@ def test_missing_shipped_head_falls_back_to_majority_with_a_warning(monkeypatch)
 
 @pytest.mark.skipif(not head_installed(), reason="the shipped reward head is not installed yet")
 def test_shipped_head_is_used_when_installed():
-    from esamp_agents.chat_model import ChatESamp
+    from esamp_agents.langchain.chat_model import ChatESamp
 
     assert math_reasoning._resolve_reward("shipped", ChatESamp()).name == "elhsr"
 
@@ -202,7 +202,7 @@ def test_bad_arguments_fail_at_construction_or_before_sampling():
 
 
 def test_problems_from_the_task_generators_are_inputs():
-    from esamp_agents.tasks import generate_problems
+    from esamp_agents.evaluation.tasks import generate_problems
 
     problem = generate_problems("single_digit", 1, seed=0)[0]
     fake = FakeListChatModel(responses=[f"Answer: {problem.answer}"])

@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from esamp_agents import reward_head
-from esamp_agents.reward_head import (
+from esamp_agents.hidden_reward import head as reward_head
+from esamp_agents.hidden_reward.head import (
     FeatureSpec,
     GatedLinearHead,
     GatedSums,

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from esamp_agents.reward_head import FeatureSpec, load_head, save_head
-from esamp_agents.reward_training import (
+from esamp_agents.hidden_reward.head import FeatureSpec, load_head, save_head
+from esamp_agents.hidden_reward.training import (
     Example,
     _loss_terms,
     bon_accuracy,

@@ -11,7 +11,7 @@ from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
 from langchain_core.outputs import ChatGeneration, ChatResult
 
-from esamp_agents.rewards import (
+from esamp_agents.selection.rewards import (
     CallableReward,
     LLMJudgeReward,
     Reward,

@@ -12,8 +12,8 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from esamp_agents.sampling import filter_candidates, sample_positions
-from esamp_agents.text_tracking import cut_at_stop
+from esamp_agents.decoding.sampling import filter_candidates, sample_positions
+from esamp_agents.decoding.text_tracking import cut_at_stop
 
 
 def hf_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, min_p: float) -> torch.Tensor:

@@ -16,7 +16,14 @@ from typing import Any
 
 import pytest
 
-from esamp_agents.server import ParsedRequest, RequestError, ServeDefaults, Server, add_serve_command, parse_request
+from esamp_agents.serving.server import (
+    ParsedRequest,
+    RequestError,
+    ServeDefaults,
+    Server,
+    add_serve_command,
+    parse_request,
+)
 
 pytestmark = [pytest.mark.allow_hosts(["127.0.0.1"]), pytest.mark.model]
 openai = pytest.importorskip("openai")
@@ -245,7 +252,7 @@ def test_constructor_checks_before_any_work():
 
 
 def test_cli_hooks_parse_and_serve(embedded):
-    from esamp_agents import server as server_module
+    from esamp_agents.serving import server as server_module
 
     parser = argparse.ArgumentParser(prog="esamp-agents")
     sub = parser.add_subparsers(dest="command")

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from esamp_agents import ESampParams, SamplingParams
-from esamp_agents.collect import MANIFEST, collect, read_records
-from esamp_agents.distiller import BatchedDistiller
-from esamp_agents.eval_harness import Sampler, parse_sampler
-from esamp_agents.tasks import generate_problems
+from esamp_agents.decoding.distiller import BatchedDistiller
+from esamp_agents.evaluation.harness import Sampler, parse_sampler
+from esamp_agents.evaluation.tasks import generate_problems
+from esamp_agents.hidden_reward.collect import MANIFEST, collect, read_records
 
 
 def test_paper_preset_is_the_papers_recipe() -> None:
@@ -120,7 +120,7 @@ def test_collect_records_the_distiller_loss_and_the_dtype(engine, tmp_path: Path
 
 
 def test_presets_and_overrides() -> None:
-    from esamp_agents.params import esamp_preset
+    from esamp_agents.decoding.params import esamp_preset
 
     assert esamp_preset("paper") == ESampParams.paper()
     assert esamp_preset("default") == ESampParams()
@@ -131,7 +131,7 @@ def test_presets_and_overrides() -> None:
 
 
 def test_generate_and_serve_take_a_preset() -> None:
-    from esamp_agents.cli import build_parser
+    from esamp_agents.cli.app import build_parser
 
     args = build_parser().parse_args(["generate", "hi", "--preset", "paper"])
     assert (args.preset, args.beta, args.warm_start_steps) == ("paper", None, None)
@@ -141,7 +141,7 @@ def test_generate_and_serve_take_a_preset() -> None:
 
 def test_plots_give_every_sampler_its_own_style_beyond_ten() -> None:
     pytest.importorskip("matplotlib")
-    from esamp_agents.eval_harness import _style
+    from esamp_agents.evaluation.harness import _style
 
     styles = [(tuple(_style(i, 14)[0]), _style(i, 14)[1]) for i in range(14)]
     assert len(set(styles)) == 14

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from esamp_agents import tasks
-from esamp_agents.tasks import (
+from esamp_agents.evaluation import tasks
+from esamp_agents.evaluation.tasks import (
     DEFAULT_SUFFIX,
     TASK_NAMES,
     Problem,

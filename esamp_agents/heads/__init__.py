@@ -1,1 +1,1 @@
-"""Reward heads shipped with the package (safetensors + metadata; see ``esamp_agents.hidden_reward``)."""
+"""Reward heads shipped with the package (safetensors + metadata; see ``esamp_agents.hidden_reward.reward``)."""

@@ -1,4 +1,4 @@
-"""Rewards that score a group of candidate answers, for :class:`~esamp_agents.best_of_n.BestOfN`.
+"""Rewards that score a group of candidate answers, for :class:`~esamp_agents.selection.best_of_n.BestOfN`.
 
 A reward is any object with a ``name`` and ``score(input, candidates) -> list[float]`` (one
 score per candidate, higher is better; an optional ``ascore`` is used by async callers).
@@ -11,7 +11,7 @@ score per candidate, higher is better; an optional ``ascore`` is used by async c
   reward model (chat-template aware, batched, loaded offline).
 
 A *decode-time* reward instead has ``make_observer(loaded_model)`` returning a
-:class:`~esamp_agents.observers.DecodeObserver` with ``rewards() -> [prompt][sample]``; with
+:class:`~esamp_agents.decoding.observers.DecodeObserver` with ``rewards() -> [prompt][sample]``; with
 ``ESampLLM``/``ChatESamp`` BestOfN scores the candidates while they are generated.
 """
 

@@ -1,17 +1,17 @@
 """Dataset-scale collection on Ray Data: one loaded model per actor, results written as they come.
 
-The work is the single-process :func:`esamp_agents.collect.collect`, cut the same way: the same
-plan (:func:`~esamp_agents.collect.plan_collect`) numbers the engine calls and chunks the
+The work is the single-process :func:`esamp_agents.hidden_reward.collect.collect`, cut the same way: the same
+plan (:func:`~esamp_agents.hidden_reward.collect.plan_collect`) numbers the engine calls and chunks the
 pending problems, each call keeps its seed (a hash of its problem ids), and actors run the
-same :func:`~esamp_agents.collect.generate_call`. So for the same seed a Ray run writes the
+same :func:`~esamp_agents.hidden_reward.collect.generate_call`. So for the same seed a Ray run writes the
 same candidates as a local one, only possibly in another order in ``records.jsonl``.
 
 Why the driver writes: Ray Data streams each call's output back as soon as an actor finishes
 it, and the driver appends it to the collect folder with the crash-safe writer
-(:func:`~esamp_agents.collect.write_call`: shard first, then one fsync'd append of the call's
+(:func:`~esamp_agents.hidden_reward.collect.write_call`: shard first, then one fsync'd append of the call's
 records). A killed job therefore loses at most the calls in flight, and rerunning the same
 command skips every problem already written. The folder is an ordinary collect folder, read by
-``esamp-agents eval``, ``train-reward`` and :func:`~esamp_agents.collect.load_examples`.
+``esamp-agents eval``, ``train-reward`` and :func:`~esamp_agents.hidden_reward.collect.load_examples`.
 
 Needs the ``ray`` extra: ``pip install 'esamp-agents[ray]'``.
 """
@@ -25,8 +25,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from esamp_agents.params import ESampParams, SamplingParams, check_int, check_range
-from esamp_agents.tasks import DEFAULT_SUFFIX, Problem
+from esamp_agents.decoding.params import ESampParams, SamplingParams, check_int, check_range
+from esamp_agents.evaluation.tasks import DEFAULT_SUFFIX, Problem
 
 RAY_MISSING = "Ray is not installed; install the extra: pip install 'esamp-agents[ray]'"
 
@@ -108,9 +108,9 @@ class CallWorker:
     ) -> None:
         import torch
 
-        from esamp_agents.engine import ESampEngine
-        from esamp_agents.loading import load_model
-        from esamp_agents.reward_head import FeatureSpec
+        from esamp_agents.decoding.engine import ESampEngine
+        from esamp_agents.decoding.loading import load_model
+        from esamp_agents.hidden_reward.head import FeatureSpec
 
         torch.set_num_threads(threads)
         self.engine = ESampEngine(load_model(model, device=device, dtype=dtype))
@@ -120,7 +120,7 @@ class CallWorker:
         self.suffix = suffix
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
-        from esamp_agents.collect import generate_call
+        from esamp_agents.hidden_reward.collect import generate_call
 
         out: dict[str, list[Any]] = {"call": [], "records": [], "shard": [], "model": []}
         identity = _identity(self.engine.loaded)
@@ -149,15 +149,15 @@ def collect_ray(
     progress: bool = True,
     suffix: str = DEFAULT_SUFFIX,
 ) -> Any:
-    """:func:`esamp_agents.collect.collect` on a Ray cluster; returns its :class:`CollectSummary`.
+    """:func:`esamp_agents.hidden_reward.collect.collect` on a Ray cluster; returns its :class:`CollectSummary`.
 
     ``model``/``dtype``/``device`` name the model each actor loads (the driver loads it too,
     once, for the manifest and the checks; the registry shares it with later local use).
     Everything is validated, and the folder's manifest checked, before Ray starts.
     """
-    from esamp_agents.collect import CallOutput, check_collect_args, plan_collect, write_call
-    from esamp_agents.engine import ESampEngine
-    from esamp_agents.loading import load_model
+    from esamp_agents.decoding.engine import ESampEngine
+    from esamp_agents.decoding.loading import load_model
+    from esamp_agents.hidden_reward.collect import CallOutput, check_collect_args, plan_collect, write_call
 
     options = ray_options or RayOptions()
     if not isinstance(options, RayOptions):

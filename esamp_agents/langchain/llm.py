@@ -10,17 +10,16 @@ from langchain_core.language_models import BaseLLM, LangSmithParams
 from langchain_core.outputs import Generation, GenerationChunk, LLMResult
 from langchain_core.runnables.config import run_in_executor
 
-from esamp_agents.langchain_common import (
+from esamp_agents.decoding.loading import EMBEDDED, LoadedModel, load_model
+from esamp_agents.langchain.common import (
     CallConfig,
     ESampLangChainMixin,
-    TokenRenderer,
     candidate_info,
     check_prompts,
     iterate_in_thread,
-    request_usage,
     split_observers,
 )
-from esamp_agents.loading import EMBEDDED, LoadedModel, load_model
+from esamp_agents.openai_format import renderer_for, request_usage
 
 
 class ESampLLM(ESampLangChainMixin, BaseLLM):
@@ -42,7 +41,7 @@ class ESampLLM(ESampLangChainMixin, BaseLLM):
     Example:
         .. code-block:: python
 
-            from esamp_agents.llm import ESampLLM
+            from esamp_agents.langchain.llm import ESampLLM
 
             llm = ESampLLM(model="embedded", n=3, max_tokens=16, beta=0.25, seed=0)
             result = llm.generate(["The capital of France is"])
@@ -95,7 +94,7 @@ class ESampLLM(ESampLangChainMixin, BaseLLM):
         result = self._engine(loaded).generate(
             list(prompts), call.sampling, call.esamp, observers=observers, on_text=on_text
         )
-        renderer = TokenRenderer(loaded.tokenizer) if call.logprobs else None
+        renderer = renderer_for(loaded.tokenizer) if call.logprobs else None
         eos_ids = loaded.eos_token_ids
         generations = [
             [
@@ -140,7 +139,7 @@ class ESampLLM(ESampLangChainMixin, BaseLLM):
 
     def _events(self, prompt: str, call: CallConfig, observers: tuple[Any, ...] = ()) -> Iterator[GenerationChunk]:
         loaded = self._resolve_model(call.model_name)
-        renderer = TokenRenderer(loaded.tokenizer) if call.logprobs else None
+        renderer = renderer_for(loaded.tokenizer) if call.logprobs else None
         eos_ids = loaded.eos_token_ids
         for event in self._engine(loaded).stream(prompt, call.sampling, call.esamp, observers=observers):
             if event.candidate is None:

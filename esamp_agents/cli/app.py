@@ -1,6 +1,6 @@
 """Command line: ``generate`` samples N candidates per prompt, ``demo`` runs the demo; the reward
-commands (``collect``, ``train-reward``, ``score``) live in :mod:`esamp_agents.cli_reward`, ``serve`` in
-:mod:`esamp_agents.server` and ``eval`` in :mod:`esamp_agents.eval_harness`.
+commands (``collect``, ``train-reward``, ``score``) live in :mod:`esamp_agents.cli.reward`, ``serve`` in
+:mod:`esamp_agents.serving.server` and ``eval`` in :mod:`esamp_agents.evaluation.harness`.
 
 Every argument is validated (by :class:`SamplingParams` / :class:`ESampParams` and the
 checks here) before the model loads, so a typo costs no load time. Errors print one
@@ -19,14 +19,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from esamp_agents.cli_reward import COMMANDS as REWARD_COMMANDS
-from esamp_agents.cli_reward import add_reward_commands
-from esamp_agents.demo import DEMO_BETA
-from esamp_agents.eval_harness import add_eval_command, run_eval_command
-from esamp_agents.loading import EMBEDDED, LoadedModel, ModelLoadError, load_model
-from esamp_agents.params import ESAMP_PRESETS, ESampParams, SamplingParams, esamp_preset
-from esamp_agents.results import Candidate, GenerationResult
-from esamp_agents.server import add_serve_command, run_serve
+from esamp_agents.cli.demo import DEMO_BETA
+from esamp_agents.cli.reward import COMMANDS as REWARD_COMMANDS
+from esamp_agents.cli.reward import add_reward_commands
+from esamp_agents.decoding.loading import EMBEDDED, LoadedModel, ModelLoadError, load_model
+from esamp_agents.decoding.params import ESAMP_PRESETS, ESampParams, SamplingParams, esamp_preset
+from esamp_agents.decoding.results import Candidate, GenerationResult
+from esamp_agents.evaluation.harness import add_eval_command, run_eval_command
+from esamp_agents.serving.server import add_serve_command, run_serve
 
 PROG = "esamp-agents"
 DEFAULT_MAX_TOKENS = 128
@@ -252,7 +252,7 @@ def run_generate(args: argparse.Namespace, out: TextIO) -> int:
 
     from tqdm.auto import tqdm
 
-    from esamp_agents.engine import ESampEngine
+    from esamp_agents.decoding.engine import ESampEngine
 
     t0 = time.perf_counter()
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
@@ -307,7 +307,7 @@ def run_generate(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def run_demo_command(args: argparse.Namespace, out: TextIO) -> int:
-    from esamp_agents import demo
+    from esamp_agents.cli import demo
 
     chooser = demo.CHOOSERS.get(args.chooser)
     if chooser is None:

@@ -15,7 +15,7 @@ import math
 import torch
 from torch.nn import functional as F
 
-from esamp_agents.params import ESampParams
+from esamp_agents.decoding.params import ESampParams
 
 NUM_BLOCKS = 2
 

@@ -19,7 +19,7 @@ On-disk format (``FORMAT_VERSION`` 1), in ``out_dir``:
   ``length`` (its rows in the shard; ``length == len(token_ids)``).
 - ``shards/shard-NNNNN.safetensors``: one per engine call (NNNNN = ``call``), holding a single
   float16 tensor ``features`` ``[sum of T, dim]``: the call's candidates' token features, in
-  record order, captured by :class:`~esamp_agents.features.TokenFeatureRecorder` during the
+  record order, captured by :class:`~esamp_agents.hidden_reward.features.TokenFeatureRecorder` during the
   same decode (no second pass). Written atomically BEFORE the call's records are appended.
 
 Crash safety: each call's records are appended with one write, flushed and fsync'd. On resume,
@@ -47,15 +47,15 @@ from typing import Any
 import torch
 
 from esamp_agents.atomic import atomic_write_bytes
-from esamp_agents.engine import ESampEngine
-from esamp_agents.features import TokenFeatureRecorder, posthoc_features
-from esamp_agents.loading import LoadedModel
-from esamp_agents.logprob_features import LOGPROB_FLOOR
-from esamp_agents.params import ESampParams, SamplingParams
-from esamp_agents.results import Candidate
-from esamp_agents.reward_head import FeatureSpec, check_compatible
-from esamp_agents.reward_training import Example
-from esamp_agents.tasks import DEFAULT_SUFFIX, Problem, extract_answer, grade
+from esamp_agents.decoding.engine import ESampEngine
+from esamp_agents.decoding.loading import LoadedModel
+from esamp_agents.decoding.params import ESampParams, SamplingParams
+from esamp_agents.decoding.results import Candidate
+from esamp_agents.evaluation.tasks import DEFAULT_SUFFIX, Problem, extract_answer, grade
+from esamp_agents.hidden_reward.features import TokenFeatureRecorder, posthoc_features
+from esamp_agents.hidden_reward.head import FeatureSpec, check_compatible
+from esamp_agents.hidden_reward.logprob_features import LOGPROB_FLOOR
+from esamp_agents.hidden_reward.training import Example
 
 FORMAT_NAME = "esamp-agents/collect"
 FORMAT_VERSION = 1
@@ -136,7 +136,9 @@ def read_manifest(out_dir: str | Path) -> dict[str, Any]:
     except (OSError, ValueError) as exc:
         raise CollectFormatError(f"{path} is not valid JSON: {exc}") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-        raise CollectFormatError(f"{path} was not written by esamp_agents.collect (format={manifest.get('format')!r})")
+        raise CollectFormatError(
+            f"{path} was not written by esamp_agents.hidden_reward.collect (format={manifest.get('format')!r})"
+        )
     if manifest.get("format_version") != FORMAT_VERSION:
         raise CollectFormatError(
             f"{path} has format_version {manifest.get('format_version')!r}; this package reads {FORMAT_VERSION}"
@@ -373,7 +375,7 @@ def collect(
     ``prompts_per_call`` at a time, as chat-template prompts. With ``spec`` the token features
     are captured during the same decode and stored in float16 shards; with ``spec=None`` only
     tokens and labels are stored (:func:`load_examples` can recompute features post hoc).
-    For many problems on many processes or machines see :func:`esamp_agents.distributed.collect_ray`.
+    For many problems on many processes or machines see :func:`esamp_agents.hidden_reward.collect_ray.collect_ray`.
     """
     check_collect_args(engine, problems, sampling, esamp, spec, prompts_per_call, suffix)
     from tqdm.auto import tqdm

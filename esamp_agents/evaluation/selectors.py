@@ -16,7 +16,7 @@ Selectors:
 - ``vote:<score>``: answers weighted by ``sigmoid(score)`` (a BCE-trained reward is a logit
   of "correct"), the heaviest answer wins;
 - ``zvote:<score>``: answers weighted by ``softmax(z(score))`` within the subset, as
-  :class:`~esamp_agents.best_of_n.BestOfN`'s ``vote`` strategy does with one reward and
+  :class:`~esamp_agents.selection.best_of_n.BestOfN`'s ``vote`` strategy does with one reward and
   ``vote_temperature=1`` (it needs no calibrated reward);
 - ``oracle``: 1 if any candidate of the subset is correct (pass@k without the estimator).
 """
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from esamp_agents.metrics import bootstrap_ci, pass_at_k
+from esamp_agents.evaluation.metrics import bootstrap_ci, pass_at_k
 
 
 @dataclass

@@ -12,18 +12,17 @@ from langchain_core.messages.ai import UsageMetadata
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.runnables.config import run_in_executor
 
-from esamp_agents.langchain_common import (
+from esamp_agents.decoding.loading import EMBEDDED, LoadedModel, load_model
+from esamp_agents.decoding.results import Candidate
+from esamp_agents.langchain.common import (
     CallConfig,
     ESampLangChainMixin,
-    TokenRenderer,
     candidate_info,
     combine_usage,
     iterate_in_thread,
-    prompt_usage,
     split_observers,
 )
-from esamp_agents.loading import EMBEDDED, LoadedModel, load_model
-from esamp_agents.results import Candidate
+from esamp_agents.openai_format import prompt_usage, renderer_for
 
 _ROLES = {"human": "user", "ai": "assistant", "system": "system", "tool": "tool", "function": "tool"}
 _SKIPPED_BLOCKS = frozenset({"reasoning", "thinking", "tool_call", "tool_use", "tool_call_chunk"})
@@ -95,7 +94,7 @@ class ChatESamp(ESampLangChainMixin, BaseChatModel):
 
             from langchain_core.messages import HumanMessage
 
-            from esamp_agents.chat_model import ChatESamp
+            from esamp_agents.langchain.chat_model import ChatESamp
 
             chat = ChatESamp(model="embedded", n=3, max_tokens=24, seed=0)
             result = chat.generate([[HumanMessage("Name a colour.")]])
@@ -152,7 +151,7 @@ class ChatESamp(ESampLangChainMixin, BaseChatModel):
     # -- generation ------------------------------------------------------------------------
 
     def _info(self, candidate: Candidate, call: CallConfig, loaded: LoadedModel) -> dict[str, Any]:
-        renderer = TokenRenderer(loaded.tokenizer) if call.logprobs else None
+        renderer = renderer_for(loaded.tokenizer) if call.logprobs else None
         return candidate_info(
             candidate,
             model_name=call.model_name,

@@ -19,8 +19,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from esamp_agents.logprob_features import EXTRA_FEATURES, MAX_TOP_K
-from esamp_agents.params import check_int as _check_int
+from esamp_agents.decoding.params import check_int as _check_int
+from esamp_agents.hidden_reward.logprob_features import EXTRA_FEATURES, MAX_TOP_K
 
 FeatureKind = Literal["hidden", "logprobs"]
 FEATURE_KINDS: tuple[str, ...] = ("hidden", "logprobs")
@@ -46,7 +46,7 @@ class FeatureSpec:
 
     ``kind="hidden"``: per token, the concatenated ``hidden_states[l]`` for ``l`` in ``layers``
     (0 = embeddings, ``num_layers`` = after the final norm), so ``dim = len(layers) * hidden_size``.
-    ``kind="logprobs"``: the top-k logprob features of :mod:`esamp_agents.logprob_features`,
+    ``kind="logprobs"``: the top-k logprob features of :mod:`esamp_agents.hidden_reward.logprob_features`,
     ``dim = top_k + 8``; ``layers`` must be empty.
     """
 

@@ -14,8 +14,8 @@ import json
 from pathlib import Path
 from typing import Any, TextIO
 
-from esamp_agents.distributed import add_ray_args, ray_options_from_args
-from esamp_agents.params import ESampParams, SamplingParams
+from esamp_agents.decoding.params import ESampParams, SamplingParams
+from esamp_agents.hidden_reward.collect_ray import add_ray_args, ray_options_from_args
 
 LOSSES = ("bce", "bradley_terry", "hinge")
 
@@ -42,7 +42,7 @@ def add_reward_commands(sub: Any, add_model_args: Any) -> None:
         "collect",
         help="sample and grade candidates for reward training (resumable)",
         description="Sample N candidates per problem, grade them, and store tokens, labels (and features) "
-        "in a resumable folder (format: esamp_agents.collect).",
+        "in a resumable folder (format: esamp_agents.hidden_reward.collect).",
     )
     c.add_argument("--task", required=True, help="TASK:COUNT[:SEED[:SPLIT]] (e.g. single_digit:240:0:train) "
                    "or gsm8k:PATH / svamp:PATH / math:PATH")  # fmt: skip
@@ -91,16 +91,16 @@ def add_reward_commands(sub: Any, add_model_args: Any) -> None:
 
 
 def _load(args: argparse.Namespace) -> Any:
-    from esamp_agents.loading import load_model
+    from esamp_agents.decoding.loading import load_model
 
     return load_model(args.model, device=args.device, dtype=args.dtype)
 
 
 def run_collect(args: argparse.Namespace, out: TextIO) -> int:
-    from esamp_agents.collect import collect
-    from esamp_agents.engine import ESampEngine
-    from esamp_agents.features import hidden_spec
-    from esamp_agents.tasks import load_problems
+    from esamp_agents.decoding.engine import ESampEngine
+    from esamp_agents.evaluation.tasks import load_problems
+    from esamp_agents.hidden_reward.collect import collect
+    from esamp_agents.hidden_reward.features import hidden_spec
 
     for name in ("n", "prompts_per_call"):
         if getattr(args, name) < 1:
@@ -115,7 +115,7 @@ def run_collect(args: argparse.Namespace, out: TextIO) -> int:
     loaded = _load(args)
     spec = None if args.layers == "none" else hidden_spec(loaded, parse_layers(args.layers, loaded.num_layers))
     if ray_options is not None:
-        from esamp_agents.distributed import collect_ray
+        from esamp_agents.hidden_reward.collect_ray import collect_ray
 
         summary = collect_ray(
             problems, args.out, model=args.model, dtype=args.dtype, device=args.device, sampling=sampling,
@@ -131,10 +131,10 @@ def run_collect(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def run_train_reward(args: argparse.Namespace, out: TextIO) -> int:
-    from esamp_agents.collect import load_examples
-    from esamp_agents.features import hidden_spec
-    from esamp_agents.reward_head import save_head
-    from esamp_agents.reward_training import fit
+    from esamp_agents.hidden_reward.collect import load_examples
+    from esamp_agents.hidden_reward.features import hidden_spec
+    from esamp_agents.hidden_reward.head import save_head
+    from esamp_agents.hidden_reward.training import fit
 
     if not (args.data / "manifest.json").is_file():
         raise ValueError(f"{args.data} is not a folder written by 'esamp-agents collect' (no manifest.json)")
@@ -170,7 +170,7 @@ def _read_pairs(path: Path) -> list[tuple[str, str]]:
 
 
 def run_score(args: argparse.Namespace, out: TextIO) -> int:
-    from esamp_agents.hidden_reward import HiddenStateReward, shipped_head_path
+    from esamp_agents.hidden_reward.reward import HiddenStateReward, shipped_head_path
 
     if args.pairs is not None:
         if args.responses or args.prompt is not None:

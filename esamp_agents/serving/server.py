@@ -54,10 +54,10 @@ from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, TextIO
 
-from esamp_agents.langchain_common import TokenRenderer, openai_logprobs
-from esamp_agents.loading import EMBEDDED, LoadedModel, load_model
-from esamp_agents.params import ESAMP_PRESETS, MAX_TOP_LOGPROBS, ESampParams, SamplingParams, esamp_preset
-from esamp_agents.results import Candidate, GenerationResult
+from esamp_agents.decoding.loading import EMBEDDED, LoadedModel, load_model
+from esamp_agents.decoding.params import ESAMP_PRESETS, MAX_TOP_LOGPROBS, ESampParams, SamplingParams, esamp_preset
+from esamp_agents.decoding.results import Candidate, GenerationResult
+from esamp_agents.openai_format import TokenRenderer, chat_logprobs, completion_logprobs, renderer_for, request_usage
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -69,7 +69,6 @@ DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 DEFAULT_MAX_BATCH_TOKENS = 1 << 18
 """rows x (prompt + max_tokens) per request: bounds the preallocated KV cache."""
 DEFAULT_MAX_QUEUE = 64
-LOGPROB_PLACEHOLDER = -9999.0
 """What OpenAI sends for a logprob it cannot represent; used for non-finite values."""
 
 # Request field -> ESampParams field.
@@ -412,40 +411,6 @@ def _parse_logprobs(body: dict[str, Any], kind: str) -> tuple[bool, int]:
 # --------------------------------------------------------------------------- responses
 
 
-def _finite(x: float) -> float:
-    return float(x) if math.isfinite(x) else LOGPROB_PLACEHOLDER
-
-
-def _chat_logprobs(candidate: Candidate, renderer: TokenRenderer, eos_ids: list[int], top: int) -> dict[str, Any]:
-    content = openai_logprobs(candidate, renderer, eos_ids)["content"]
-    for item in content:
-        item["logprob"] = _finite(item["logprob"])
-        item["top_logprobs"] = [{**alt, "logprob": _finite(alt["logprob"])} for alt in item["top_logprobs"][:top]]
-    return {"content": content, "refusal": None}
-
-
-def _completion_logprobs(chat: dict[str, Any]) -> dict[str, Any]:
-    """Chat-shaped logprobs -> the legacy completions shape (tokens, token_logprobs, ...)."""
-    tokens, token_logprobs, top, offsets = [], [], [], []
-    offset = 0
-    for item in chat["content"]:
-        tokens.append(item["token"])
-        token_logprobs.append(item["logprob"])
-        alternatives: dict[str, float] = {}
-        for alt in item["top_logprobs"]:
-            alternatives.setdefault(alt["token"], alt["logprob"])
-        top.append(alternatives)
-        offsets.append(offset)
-        offset += len(item["token"])
-    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
-
-
-def _usage(result: GenerationResult) -> dict[str, int]:
-    prompt = sum(len(r.prompt_token_ids) for r in result)
-    completion = sum(c.completion_tokens for r in result for c in r.candidates)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
 # --------------------------------------------------------------------------- backend
 
 
@@ -469,7 +434,7 @@ class OpenAIBackend:
         max_batch_tokens: int,
         max_queue: int,
     ) -> None:
-        from esamp_agents.engine import ESampEngine
+        from esamp_agents.decoding.engine import ESampEngine
 
         self.loaded = loaded
         self.engine = ESampEngine(loaded)
@@ -480,7 +445,6 @@ class OpenAIBackend:
         self.max_batch_tokens = max_batch_tokens
         self.max_queue = max_queue
         self.created = int(time.time())
-        self._renderer: TokenRenderer | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="esamp-serve-worker")
         self._pending = 0
         self._lock = threading.Lock()
@@ -553,9 +517,7 @@ class OpenAIBackend:
 
     # ---- work (runs in the worker thread only)
     def _renderer_once(self) -> TokenRenderer:
-        if self._renderer is None:
-            self._renderer = TokenRenderer(self.loaded.tokenizer)
-        return self._renderer
+        return renderer_for(self.loaded.tokenizer)
 
     def _prompt_ids(self, request: ParsedRequest) -> list[list[int]]:
         tokenizer = self.loaded.tokenizer
@@ -616,8 +578,10 @@ class OpenAIBackend:
     def _choice(self, request: ParsedRequest, candidate: Candidate, index: int) -> dict[str, Any]:
         logprobs = None
         if request.logprobs:
-            chat = _chat_logprobs(candidate, self._renderer_once(), self.loaded.eos_token_ids, request.top_logprobs)
-            logprobs = chat if request.kind == "chat" else _completion_logprobs(chat)
+            chat = chat_logprobs(
+                candidate, self._renderer_once(), self.loaded.eos_token_ids, top=request.top_logprobs, wire=True
+            )
+            logprobs = chat if request.kind == "chat" else completion_logprobs(chat)
         if request.kind == "chat":
             message = {"role": "assistant", "content": candidate.text, "refusal": None}
             return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": candidate.finish_reason}
@@ -638,7 +602,7 @@ class OpenAIBackend:
             "created": int(time.time()),
             "model": self.served_name,
             "choices": choices,
-            "usage": _usage(result),
+            "usage": request_usage(result),
             "system_fingerprint": None,
         }
 
@@ -648,7 +612,7 @@ class OpenAIBackend:
         events = job.events
         result = self._generate(job, on_text=lambda _p, _s, delta: events.put(("text", delta)))
         candidate = result[0].candidates[0]
-        events.put(("done", (self._choice(job.request, candidate, 0), _usage(result))))
+        events.put(("done", (self._choice(job.request, candidate, 0), request_usage(result))))
 
 
 # --------------------------------------------------------------------------- HTTP

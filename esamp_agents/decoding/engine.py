@@ -4,7 +4,7 @@ One forward per step gives both taps ESamp needs (``hidden_states[1]``, the
 output of block 1, and ``hidden_states[-1]``, the final-norm output) and the
 states any :class:`DecodeObserver` asked for. Logits are computed here from the
 final hidden state, so ESamp's bonus is projected through the LM head only for
-the tokens that survive the sampling filters (see :mod:`esamp_agents.sampling`).
+the tokens that survive the sampling filters (see :mod:`esamp_agents.decoding.sampling`).
 
 Per step, in the paper's synchronous order: Distiller predicts -> fuse ->
 sample -> one Adam step on this step's live rows.
@@ -23,13 +23,13 @@ import torch
 from torch.nn import functional as F
 from transformers import StaticCache
 
-from esamp_agents.distiller import BatchedDistiller
-from esamp_agents.loading import LoadedModel, load_model
-from esamp_agents.observers import DecodeObserver
-from esamp_agents.params import ESampParams, SamplingParams
-from esamp_agents.results import Candidate, GenerationResult, GenerationStats, PromptResult
-from esamp_agents.sampling import Candidates, filter_candidates, sample_positions
-from esamp_agents.text_tracking import TextTracker, cut_at_stop
+from esamp_agents.decoding.distiller import BatchedDistiller
+from esamp_agents.decoding.loading import LoadedModel, load_model
+from esamp_agents.decoding.observers import DecodeObserver
+from esamp_agents.decoding.params import ESampParams, SamplingParams
+from esamp_agents.decoding.results import Candidate, GenerationResult, GenerationStats, PromptResult
+from esamp_agents.decoding.sampling import Candidates, filter_candidates, sample_positions
+from esamp_agents.decoding.text_tracking import TextTracker, cut_at_stop
 
 TextCallback = Callable[[int, int, str], None]
 

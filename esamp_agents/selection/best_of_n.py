@@ -17,7 +17,7 @@ How the N candidates are sampled:
   candidate (with a warning); if every call fails, :class:`BestOfNError` names the cause.
 
 Scores: each reward scores the group (a child run ``reward:<name>`` in traces), scores are
-fused per :mod:`esamp_agents.fusion` (``zscore`` default, ``minmax``, ``worst_rank``; NaN/inf
+fused per :mod:`esamp_agents.selection.fusion` (``zscore`` default, ``minmax``, ``worst_rank``; NaN/inf
 rank worst for that reward, with a warning). A reward that raises (or returns the wrong
 number of scores) fails the call when ``on_reward_error="raise"`` (default; the error names
 the reward) or is left out of this group with a warning when ``"skip"``.
@@ -62,8 +62,8 @@ from langchain_core.runnables import Runnable, RunnableBinding, RunnableConfig, 
 from langchain_core.runnables.config import ensure_config, get_executor_for_config, patch_config, run_in_executor
 from pydantic import ConfigDict, Field, model_validator
 
-from esamp_agents.fusion import FUSIONS, Fusion, check_weights, fuse
-from esamp_agents.rewards import ScoredCandidate
+from esamp_agents.selection.fusion import FUSIONS, Fusion, check_weights, fuse
+from esamp_agents.selection.rewards import ScoredCandidate
 
 STRATEGIES: tuple[str, ...] = ("argmax", "vote", "threshold")
 ON_REWARD_ERROR: tuple[str, ...] = ("raise", "skip")
@@ -89,16 +89,16 @@ class BestOfNResult:
 
 
 def default_answer_extractor() -> Callable[[str], Any]:
-    """``esamp_agents.tasks.extract_answer`` when present, else the demo's extractor."""
+    """``esamp_agents.evaluation.tasks.extract_answer`` when present, else the demo's extractor."""
     try:
-        from esamp_agents.tasks import extract_answer
+        from esamp_agents.evaluation.tasks import extract_answer
     except ImportError:  # pragma: no cover - tasks ships with the package
-        from esamp_agents.demo import extract_answer  # type: ignore[assignment]
+        from esamp_agents.cli.demo import extract_answer  # type: ignore[assignment]
     return extract_answer
 
 
 def _is_esamp(model: Any) -> bool:
-    from esamp_agents.langchain_common import ESampLangChainMixin
+    from esamp_agents.langchain.common import ESampLangChainMixin
 
     return isinstance(model, ESampLangChainMixin)
 
@@ -175,9 +175,9 @@ class BestOfN(RunnableSerializable[Any, Any]):
             from langchain_core.output_parsers import StrOutputParser
             from langchain_core.prompts import ChatPromptTemplate
 
-            from esamp_agents.best_of_n import BestOfN
-            from esamp_agents.chat_model import ChatESamp
-            from esamp_agents.rewards import CallableReward
+            from esamp_agents.selection.best_of_n import BestOfN
+            from esamp_agents.langchain.chat_model import ChatESamp
+            from esamp_agents.selection.rewards import CallableReward
 
             shortest = CallableReward(lambda question, text: -len(text), name="short")
             chain = (
@@ -201,7 +201,7 @@ class BestOfN(RunnableSerializable[Any, Any]):
     fusion: str = "zscore"
     strategy: str = "argmax"
     answer_extractor: Any = None
-    """``text -> answer | None`` (default: ``esamp_agents.tasks.extract_answer``)."""
+    """``text -> answer | None`` (default: ``esamp_agents.evaluation.tasks.extract_answer``)."""
     threshold: float | None = None
     """Required by (and only by) ``strategy="threshold"``: the first reward's raw score to reach."""
     max_rounds: int = DEFAULT_MAX_ROUNDS

@@ -3,7 +3,7 @@
 Alignment (the same everywhere in this package): the feature of response token ``i`` is the
 hidden state at the position that PRODUCED it, i.e. the prompt's last position for ``i = 0``
 and the position of response token ``i - 1`` for ``i > 0`` (the end-of-turn token included).
-This is what :class:`~esamp_agents.observers.DecodeObserver` receives from the engine, so
+This is what :class:`~esamp_agents.decoding.observers.DecodeObserver` receives from the engine, so
 scores computed during decoding and post hoc agree (up to float noise), and the decode-time
 path needs no extra forward pass. A post hoc pass therefore runs the model on
 ``prompt + response[:-1]`` and reads positions ``len(prompt) - 1 ... len(prompt) + len(response) - 2``.
@@ -20,8 +20,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from esamp_agents.loading import LoadedModel
-from esamp_agents.reward_head import FeatureSpec, GatedLinearHead, GatedSums, check_compatible
+from esamp_agents.decoding.loading import LoadedModel
+from esamp_agents.hidden_reward.head import FeatureSpec, GatedLinearHead, GatedSums, check_compatible
 
 
 def hidden_spec(loaded: LoadedModel, layers: Sequence[int] | Literal["all"] = "all") -> FeatureSpec:
@@ -76,7 +76,7 @@ def _concat(hidden: dict[int, Tensor], layers: tuple[int, ...]) -> Tensor:
 
 
 class TokenFeatureRecorder:
-    """A :class:`~esamp_agents.observers.DecodeObserver` that keeps every candidate's token features.
+    """A :class:`~esamp_agents.decoding.observers.DecodeObserver` that keeps every candidate's token features.
 
     Only live tokens are kept (a finished row's padding steps are dropped), so each
     candidate's features have exactly ``len(candidate.token_ids)`` rows. Features are
@@ -131,9 +131,9 @@ class TokenFeatureRecorder:
 
 
 class RewardObserver:
-    """A :class:`~esamp_agents.observers.DecodeObserver` that scores candidates while they are written.
+    """A :class:`~esamp_agents.decoding.observers.DecodeObserver` that scores candidates while they are written.
 
-    Keeps only the running gated sums of :class:`~esamp_agents.reward_head.GatedSums`
+    Keeps only the running gated sums of :class:`~esamp_agents.hidden_reward.head.GatedSums`
     (a few numbers per row), so memory does not grow with the number of steps; a row's
     sums stop changing once it has finished.
     """

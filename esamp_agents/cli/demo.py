@@ -1,7 +1,7 @@
 """The demo: sample N ESamp candidates per arithmetic question in one engine call, then choose.
 
 Questions are seeded single-digit sums and products from the HELD-OUT split of
-:mod:`esamp_agents.tasks` (never used to train the shipped reward head), small enough for the
+:mod:`esamp_agents.evaluation.tasks` (never used to train the shipped reward head), small enough for the
 embedded 135M model to get right some of the time, so a chooser has something to choose
 between. The default chooser is the shipped hidden-state reward head (ELHSR), scoring every
 candidate during the same decode (no second pass) and voting with those scores; majority
@@ -18,10 +18,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TextIO
 
-from esamp_agents import tasks
-from esamp_agents.loading import EMBEDDED
-from esamp_agents.params import ESampParams, SamplingParams
-from esamp_agents.results import Candidate
+from esamp_agents.decoding.loading import EMBEDDED
+from esamp_agents.decoding.params import ESampParams, SamplingParams
+from esamp_agents.decoding.results import Candidate
+from esamp_agents.evaluation import tasks
 
 SUFFIX = tasks.DEFAULT_SUFFIX
 DEMO_BETA = ESampParams.beta
@@ -205,8 +205,8 @@ def run_demo(
     esamp = ESampParams(beta=beta)
     chooser_name = next((k for k, v in CHOOSERS.items() if v is chooser), getattr(chooser, "__name__", "custom"))
 
-    from esamp_agents.engine import ESampEngine
-    from esamp_agents.loading import load_model
+    from esamp_agents.decoding.engine import ESampEngine
+    from esamp_agents.decoding.loading import load_model
 
     needs_reward = chooser_name in REWARD_CHOOSERS
     print(f"loading model {model!r} ...", file=out, flush=True)
@@ -214,7 +214,7 @@ def run_demo(
     loaded = load_model(model, device=device, dtype=dtype)
     observers = []
     if needs_reward:
-        from esamp_agents.hidden_reward import HiddenStateReward
+        from esamp_agents.hidden_reward.reward import HiddenStateReward
 
         observers.append(HiddenStateReward.shipped(loaded).make_observer(loaded))
     load_seconds = time.perf_counter() - t0

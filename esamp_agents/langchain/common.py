@@ -20,9 +20,10 @@ from langchain_core.globals import get_llm_cache
 from langchain_core.language_models import LangSmithParams
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from esamp_agents.loading import EMBEDDED, LoadedModel, load_model
-from esamp_agents.params import ESampParams, SamplingParams
-from esamp_agents.results import Candidate, GenerationResult, PromptResult
+from esamp_agents.decoding.loading import EMBEDDED, LoadedModel, load_model
+from esamp_agents.decoding.params import ESampParams, SamplingParams
+from esamp_agents.decoding.results import Candidate
+from esamp_agents.openai_format import TokenRenderer, chat_logprobs
 
 _SAMPLING_DEFAULTS = SamplingParams()
 _ESAMP_DEFAULTS = ESampParams()
@@ -78,7 +79,7 @@ _CALL_KEYS: dict[str, str] = {
 def check_observers(observers: Any) -> tuple[Any, ...]:
     """Validate a per-call ``observers`` value before any model work; ``None`` means none.
 
-    Each must look like a :class:`~esamp_agents.observers.DecodeObserver`: a ``layers``
+    Each must look like a :class:`~esamp_agents.decoding.observers.DecodeObserver`: a ``layers``
     sequence of ints and callable ``on_start``/``on_step``/``on_finish``.
     """
     if observers is None:
@@ -360,57 +361,12 @@ class ESampLangChainMixin(BaseModel):
 def engine_for(loaded: LoadedModel) -> Any:
     """An ESampEngine over ``loaded`` (cheap: it only keeps references; the lock lives on
     the LoadedModel, so every engine over one model is serialised)."""
-    from esamp_agents.engine import ESampEngine
+    from esamp_agents.decoding.engine import ESampEngine
 
     return ESampEngine(loaded)
 
 
 # -- metadata ---------------------------------------------------------------------------
-
-
-class TokenRenderer:
-    """Token ids -> OpenAI ``{token, bytes, logprob}`` entries, exact bytes for byte-level BPE."""
-
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
-        backend = getattr(tokenizer, "backend_tokenizer", None)
-        self._byte_level = backend is not None and "ByteLevel" in repr(getattr(backend, "decoder", ""))
-        self._byte_decoder: dict[str, int] = {}
-        if self._byte_level:
-            from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-            self._byte_decoder = {v: k for k, v in bytes_to_unicode().items()}
-
-    def token(self, token_id: int) -> tuple[str, list[int]]:
-        text = self.tokenizer.decode([token_id])
-        if self._byte_level:
-            piece = self.tokenizer.convert_ids_to_tokens(token_id)
-            if isinstance(piece, str) and piece and all(ch in self._byte_decoder for ch in piece):
-                return text, [self._byte_decoder[ch] for ch in piece]
-        return text, list(text.encode("utf-8"))
-
-    def entry(self, token_id: int, logprob: float) -> dict[str, Any]:
-        text, raw = self.token(token_id)
-        return {"token": text, "bytes": raw, "logprob": float(logprob)}
-
-
-def _content_token_count(candidate: Candidate, eos_ids: Sequence[int]) -> int:
-    """Tokens that belong to the text: the closing end-of-turn token is not shown."""
-    count = len(candidate.token_ids)
-    if count and candidate.stop_sequence is None and candidate.token_ids[-1] in eos_ids:
-        count -= 1
-    return count
-
-
-def openai_logprobs(candidate: Candidate, renderer: TokenRenderer, eos_ids: Sequence[int]) -> dict[str, Any]:
-    """``{"content": [{token, bytes, logprob, top_logprobs}]}`` as in OpenAI chat completions."""
-    content = []
-    for i in range(_content_token_count(candidate, eos_ids)):
-        item = renderer.entry(candidate.token_ids[i], candidate.logprobs[i])
-        alternatives = candidate.top_logprobs[i] if candidate.top_logprobs else []
-        item["top_logprobs"] = [renderer.entry(tid, lp) for tid, lp in alternatives]
-        content.append(item)
-    return {"content": content}
 
 
 def candidate_info(
@@ -436,22 +392,8 @@ def candidate_info(
         finite = [v for v in candidate.novelty if not math.isnan(v)]
         info["novelty_mean"] = sum(finite) / len(finite) if finite else float("nan")
     if logprobs and renderer is not None:
-        info["logprobs"] = openai_logprobs(candidate, renderer, eos_ids)
+        info["logprobs"] = chat_logprobs(candidate, renderer, eos_ids)
     return info
-
-
-def prompt_usage(result: PromptResult) -> dict[str, int]:
-    prompt_tokens = len(result.prompt_token_ids)
-    completion = sum(c.completion_tokens for c in result.candidates)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
-
-
-def request_usage(result: GenerationResult) -> dict[str, int]:
-    total = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
-    for pr in result:
-        for key, value in prompt_usage(pr).items():
-            total[key] += value
-    return total
 
 
 def combine_usage(outputs: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
@@ -540,15 +482,11 @@ __all__ = [
     "IGNORED_KWARGS",
     "CallConfig",
     "ESampLangChainMixin",
-    "TokenRenderer",
     "candidate_info",
     "check_observers",
     "check_prompts",
     "combine_usage",
     "engine_for",
     "iterate_in_thread",
-    "openai_logprobs",
-    "prompt_usage",
-    "request_usage",
     "split_observers",
 ]

@@ -19,9 +19,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from esamp_agents.features import RewardObserver, posthoc_rewards
-from esamp_agents.loading import EMBEDDED, LoadedModel, load_model
-from esamp_agents.reward_head import GatedLinearHead, check_compatible, load_head
+from esamp_agents.decoding.loading import EMBEDDED, LoadedModel, load_model
+from esamp_agents.hidden_reward.features import RewardObserver, posthoc_rewards
+from esamp_agents.hidden_reward.head import GatedLinearHead, check_compatible, load_head
 
 SHIPPED_HEAD_FILE = "smollm2-135m-instruct-elhsr.safetensors"
 """The head shipped for the embedded model (package data, trained by ``benchmarks/reward_bon.py``)."""
@@ -40,7 +40,7 @@ def _prompt_messages(value: Any) -> list[dict[str, str]]:
     from langchain_core.messages import convert_to_messages
     from langchain_core.prompt_values import PromptValue
 
-    from esamp_agents.chat_model import message_to_dict
+    from esamp_agents.langchain.chat_model import message_to_dict
 
     if isinstance(value, str):
         return [{"role": "user", "content": value}]
