@@ -63,6 +63,7 @@ from esamp_agents.hidden_reward.logprob_features import (
     features_from_openai,
     logprob_feature_dim,
 )
+from esamp_agents.validation import check_int
 
 OnMissing = Literal["raise", "nan"]
 OnEmpty = Literal["nan", "zero"]
@@ -638,11 +639,6 @@ def _add_usage(total: dict[str, int], usage: Any) -> None:
             total[key] += value
 
 
-def _check_int(name: str, value: Any, low: int, high: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ValueError(f"{name}={value!r} is out of range; allowed: an integer {low} <= {name} <= {high}")
-
-
 def _check_seconds(name: str, value: Any, *, zero_ok: bool = False) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if not ok or value < 0 or (value == 0 and not zero_ok):
@@ -667,11 +663,11 @@ def _check_sampling_args(
         raise ValueError(f"messages={messages!r} is invalid; allowed: a non-empty list of chat messages")
     if not isinstance(model, str) or not model:
         raise ValueError(f"model={model!r} is empty; allowed: a model name")
-    _check_int("n", n, 1, 1_000_000)
-    _check_int("top_logprobs", top_logprobs, 0, 20)
-    _check_int("max_retries", max_retries, 0, 100)
+    check_int("n", n, 1, 1_000_000)
+    check_int("top_logprobs", top_logprobs, 0, 20)
+    check_int("max_retries", max_retries, 0, 100)
     if chunk is not None:
-        _check_int("chunk", chunk, 1, 128)
+        check_int("chunk", chunk, 1, 128)
     _check_seconds("timeout", timeout)
     _check_seconds("backoff", backoff, zero_ok=True)
     _check_seconds("max_backoff", max_backoff, zero_ok=True)

@@ -45,6 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from esamp_agents.selection.best_of_n import BestOfNError, RewardError
 from esamp_agents.selection.rewards import ScoredCandidate
+from esamp_agents.validation import check_int
 
 SAMPLING_MODES: tuple[str, ...] = ("auto", "n", "parallel")
 REQUIRED_CHOICES = frozenset({"any", "required"})
@@ -431,14 +432,6 @@ def _has_n(model: Any) -> bool:
     return isinstance(model, BaseChatModel) and "n" in type(model).model_fields
 
 
-def _check_int(name: str, value: Any, low: int, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        extra = " or None" if allow_none else ""
-        raise ValueError(f"{name}={value!r} is out of range; allowed: an int >= {low}{extra}")
-
-
 class BestOfNChatModel(BaseChatModel):
     """A chat model that samples N replies from ``model`` per call and returns the best one.
 
@@ -517,8 +510,8 @@ class BestOfNChatModel(BaseChatModel):
     @model_validator(mode="after")
     def _validate(self) -> BestOfNChatModel:
         """Bad values fail at construction, naming the value and the allowed range."""
-        _check_int("n", self.n, 1)
-        _check_int("max_concurrency", self.max_concurrency, 1, allow_none=True)
+        check_int("n", self.n, 1)
+        check_int("max_concurrency", self.max_concurrency, 1, allow_none=True)
         if self.sampling not in SAMPLING_MODES:
             raise ValueError(f"sampling={self.sampling!r} is unknown; allowed: {', '.join(map(repr, SAMPLING_MODES))}")
         if self.sampling == "n" and not _has_n(self.model):
@@ -695,7 +688,7 @@ class BestOfNStep:
     """
 
     def __init__(self, n: int = 4, *, reward: Any = None, check_tools: bool = True) -> None:
-        _check_int("n", n, 1)
+        check_int("n", n, 1)
         _check_reward(reward)
         self.n = n
         self.reward = reward

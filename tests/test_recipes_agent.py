@@ -347,7 +347,7 @@ async def test_async_paths():
 
 def test_construction_errors_name_the_value():
     fake = ScriptedChat(script=[[GOOD]])
-    with pytest.raises(ValueError, match=r"n=0 is out of range; allowed: an int >= 1"):
+    with pytest.raises(ValueError, match=r"n=0 is out of range; allowed: 1 <= n"):
         BestOfNChatModel(fake, n=0)
     with pytest.raises(ValueError, match=r"sampling='n' but ScriptedChat has no n field"):
         BestOfNChatModel(fake, sampling="n")

@@ -10,38 +10,9 @@ import math
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
+from esamp_agents.validation import check_int, check_range
+
 MAX_TOP_LOGPROBS = 20
-
-
-def _check_range(
-    name: str,
-    value: float,
-    low: float | None = None,
-    high: float | None = None,
-    *,
-    low_open: bool = False,
-    high_open: bool = False,
-    allowed: str,
-) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        raise ValueError(f"{name}={value!r} is not a number; allowed: {allowed}")
-    bad_low = low is not None and (value <= low if low_open else value < low)
-    bad_high = high is not None and (value >= high if high_open else value > high)
-    if bad_low or bad_high:
-        raise ValueError(f"{name}={value!r} is out of range; allowed: {allowed}")
-
-
-def _check_int(name: str, value: int, low: int, high: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name}={value!r} must be an integer >= {low}")
-    if value < low or (high is not None and value > high):
-        allowed = f"{low} <= {name}" + (f" <= {high}" if high is not None else "")
-        raise ValueError(f"{name}={value!r} is out of range; allowed: {allowed}")
-
-
-# Shared by every module that validates user input, so messages read the same everywhere.
-check_range = _check_range
-check_int = _check_int
 
 
 @dataclass(frozen=True)
@@ -66,17 +37,17 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
-        _check_int("n", self.n, 1)
-        _check_int("max_new_tokens", self.max_new_tokens, 1)
-        _check_range("temperature", self.temperature, 0.0, allowed="temperature >= 0 (0 = greedy)")
+        check_int("n", self.n, 1)
+        check_int("max_new_tokens", self.max_new_tokens, 1)
+        check_range("temperature", self.temperature, 0.0, allowed="temperature >= 0 (0 = greedy)")
         if math.isinf(self.temperature):
             raise ValueError(f"temperature={self.temperature!r} is out of range; allowed: a finite value >= 0")
-        _check_int("top_k", self.top_k, 0)
-        _check_range("top_p", self.top_p, 0.0, 1.0, low_open=True, allowed="0 < top_p <= 1")
-        _check_range("min_p", self.min_p, 0.0, 1.0, high_open=True, allowed="0 <= min_p < 1")
-        _check_int("top_logprobs", self.top_logprobs, 0, MAX_TOP_LOGPROBS)
+        check_int("top_k", self.top_k, 0)
+        check_range("top_p", self.top_p, 0.0, 1.0, low_open=True, allowed="0 < top_p <= 1")
+        check_range("min_p", self.min_p, 0.0, 1.0, high_open=True, allowed="0 <= min_p < 1")
+        check_int("top_logprobs", self.top_logprobs, 0, MAX_TOP_LOGPROBS)
         if self.seed is not None:
-            _check_int("seed", self.seed, 0, 2**63 - 1)
+            check_int("seed", self.seed, 0, 2**63 - 1)
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
         for s in stop:
             if not isinstance(s, str) or not s:
@@ -112,13 +83,13 @@ class ESampParams:
     shared_distiller: bool = False
 
     def __post_init__(self) -> None:
-        _check_range("beta", self.beta, 0.0, 100.0, allowed="0 <= beta <= 100 (0 = plain sampling)")
-        _check_int("distiller_width", self.distiller_width, 1, 65536)
-        _check_range("lr", self.lr, 0.0, 1.0, low_open=True, allowed="0 < lr <= 1")
-        _check_range("adam_eps", self.adam_eps, 0.0, 1.0, low_open=True, allowed="0 < adam_eps <= 1")
-        _check_range("grad_clip", self.grad_clip, 0.0, None, low_open=True, allowed="grad_clip > 0")
-        _check_int("warm_start_steps", self.warm_start_steps, 0, 10000)
-        _check_range("warm_start_lr", self.warm_start_lr, 0.0, 1.0, low_open=True, allowed="0 < warm_start_lr <= 1")
+        check_range("beta", self.beta, 0.0, 100.0, allowed="0 <= beta <= 100 (0 = plain sampling)")
+        check_int("distiller_width", self.distiller_width, 1, 65536)
+        check_range("lr", self.lr, 0.0, 1.0, low_open=True, allowed="0 < lr <= 1")
+        check_range("adam_eps", self.adam_eps, 0.0, 1.0, low_open=True, allowed="0 < adam_eps <= 1")
+        check_range("grad_clip", self.grad_clip, 0.0, None, low_open=True, allowed="grad_clip > 0")
+        check_int("warm_start_steps", self.warm_start_steps, 0, 10000)
+        check_range("warm_start_lr", self.warm_start_lr, 0.0, 1.0, low_open=True, allowed="0 < warm_start_lr <= 1")
         if not isinstance(self.shared_distiller, bool):
             raise ValueError(f"shared_distiller={self.shared_distiller!r} must be True or False")
 
@@ -161,8 +132,6 @@ __all__ = [
     "MAX_TOP_LOGPROBS",
     "ESampParams",
     "SamplingParams",
-    "check_int",
-    "check_range",
     "esamp_preset",
     "split_kwargs",
 ]

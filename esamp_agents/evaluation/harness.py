@@ -49,6 +49,7 @@ from esamp_agents.atomic import atomic_write_bytes
 from esamp_agents.decoding.params import ESampParams, SamplingParams
 from esamp_agents.evaluation.tasks import DEFAULT_SUFFIX, Problem, answers_match
 from esamp_agents.hidden_reward.collect_ray import add_ray_args, ray_options_from_args
+from esamp_agents.validation import check_int
 
 if TYPE_CHECKING:  # the heavy modules (torch) load on first use, so the CLI starts fast
     import torch
@@ -280,21 +281,15 @@ def parse_samplers(specs: Sequence[str | Sampler]) -> list[Sampler]:
 # --------------------------------------------------------------------------- checks
 
 
-def _check_int(name: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-        raise ValueError(f"{name}={value!r} is out of range; allowed: an integer >= {low}")
-    return int(value)
-
-
 def default_ks(n: int) -> list[int]:
     """Powers of two below ``n``, and ``n``."""
-    n = _check_int("n", n, 1)
+    n = check_int("n", n, 1)
     return sorted({2**i for i in range(n.bit_length()) if 2**i < n} | {n})
 
 
 def check_ks(ks: Sequence[int], n: int) -> list[int]:
     """Sorted ks, each ``1 <= k <= n`` and none twice."""
-    n = _check_int("n", n, 1)
+    n = check_int("n", n, 1)
     if isinstance(ks, (str, bytes)) or not isinstance(ks, Sequence) or not ks:
         raise ValueError(f"ks={ks!r} must be a non-empty list of integers; allowed: 1 <= k <= n = {n}")
     for k in ks:
@@ -722,9 +717,9 @@ def run_eval(
         "seed": seed,
     }
     plan = {s.name: (s, s.sampling_params(**shared), s.esamp_params()) for s in parsed}
-    prompts_per_call = _check_int("prompts_per_call", prompts_per_call, 1)
-    draws = _check_int("draws", draws, 1)
-    resamples = _check_int("resamples", resamples, 1)
+    prompts_per_call = check_int("prompts_per_call", prompts_per_call, 1)
+    draws = check_int("draws", draws, 1)
+    resamples = check_int("resamples", resamples, 1)
     if not isinstance(engine, ESampEngine):
         raise ValueError(f"engine must be an ESampEngine, got {type(engine).__name__}")
     loaded = engine.loaded
@@ -1135,7 +1130,7 @@ def run_eval_command(args: argparse.Namespace, out: TextIO) -> int:
     except FileNotFoundError as exc:
         raise ValueError(f"--task={args.task!r}: {exc}") from exc
     samplers = parse_samplers(args.samplers)
-    ks = check_ks(args.ks if args.ks is not None else default_ks(_check_int("-n", args.n, 1)), args.n)
+    ks = check_ks(args.ks if args.ks is not None else default_ks(check_int("-n", args.n, 1)), args.n)
     head, _ = _cli_reward(args.reward, args.model)
     selectors = check_selectors(args.selectors or default_selectors(head is not None), head is not None)
     for s in samplers:
@@ -1148,7 +1143,7 @@ def run_eval_command(args: argparse.Namespace, out: TextIO) -> int:
             seed=args.seed,
         )
     for name in ("prompts_per_call", "draws"):
-        _check_int(f"--{name.replace('_', '-')}", getattr(args, name), 1)
+        check_int(f"--{name.replace('_', '-')}", getattr(args, name), 1)
     if args.out.exists() and not args.out.is_dir():
         raise ValueError(f"--out={str(args.out)!r} exists and is not a folder")
 

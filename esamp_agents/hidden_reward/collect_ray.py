@@ -25,8 +25,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from esamp_agents.decoding.params import ESampParams, SamplingParams, check_int, check_range
+from esamp_agents.decoding.params import ESampParams, SamplingParams
 from esamp_agents.evaluation.tasks import DEFAULT_SUFFIX, Problem
+from esamp_agents.validation import check_int, check_range
 
 RAY_MISSING = "Ray is not installed; install the extra: pip install 'esamp-agents[ray]'"
 

@@ -19,8 +19,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from esamp_agents.decoding.params import check_int as _check_int
 from esamp_agents.hidden_reward.logprob_features import EXTRA_FEATURES, MAX_TOP_K
+from esamp_agents.validation import check_int as _check_int
 
 FeatureKind = Literal["hidden", "logprobs"]
 FEATURE_KINDS: tuple[str, ...] = ("hidden", "logprobs")

@@ -24,9 +24,9 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from esamp_agents.decoding.params import check_int as _check_int
-from esamp_agents.decoding.params import check_range as _check_range
 from esamp_agents.hidden_reward.head import FeatureSpec, GatedLinearHead
+from esamp_agents.validation import check_int as _check_int
+from esamp_agents.validation import check_range as _check_range
 
 LossName = Literal["bce", "bradley_terry", "hinge"]
 LOSSES: tuple[str, ...] = ("bce", "bradley_terry", "hinge")
