@@ -27,7 +27,7 @@ import torch
 
 from esamp_agents import load_model
 from esamp_agents.atomic import atomic_write_json
-from esamp_agents.serving.server import Server
+from esamp_agents.serving import Server
 
 OUT = Path(__file__).resolve().parent / "out" / "server_throughput.json"
 

@@ -436,7 +436,7 @@ def _ids_from_bytes(embedded: Any, logprobs: Any) -> list[int]:
 
 @pytest.fixture(scope="module")
 def server(embedded) -> Iterator[Any]:
-    from esamp_agents.serving.server import Server
+    from esamp_agents.serving import Server
 
     with Server(embedded, port=0) as srv:
         yield srv

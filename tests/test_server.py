@@ -16,14 +16,9 @@ from typing import Any
 
 import pytest
 
-from esamp_agents.serving.server import (
-    ParsedRequest,
-    RequestError,
-    ServeDefaults,
-    Server,
-    add_serve_command,
-    parse_request,
-)
+from esamp_agents.cli.serve import add_serve_command, run_serve
+from esamp_agents.serving import Server, serve_forever
+from esamp_agents.serving.protocol import ParsedRequest, RequestError, ServeDefaults, parse_request
 
 pytestmark = [pytest.mark.allow_hosts(["127.0.0.1"]), pytest.mark.model]
 openai = pytest.importorskip("openai")
@@ -252,19 +247,17 @@ def test_constructor_checks_before_any_work():
 
 
 def test_cli_hooks_parse_and_serve(embedded):
-    from esamp_agents.serving import server as server_module
-
     parser = argparse.ArgumentParser(prog="esamp-agents")
     sub = parser.add_subparsers(dest="command")
     add_serve_command(sub)
     args = parser.parse_args(["serve", "--port", "0", "--accept-any-model", "--beta", "0.5"])
     assert args.port == 0 and args.accept_any_model and args.beta == 0.5 and args.host == "127.0.0.1"
     with pytest.raises(ValueError, match="beta=-1"):
-        server_module.run_serve(parser.parse_args(["serve", "--beta", "-1"]))
+        run_serve(parser.parse_args(["serve", "--beta", "-1"]))
 
     out, stop = io.StringIO(), threading.Event()
     thread = threading.Thread(
-        target=server_module.serve_forever, args=(embedded, "127.0.0.1", 0), kwargs={"out": out, "stop_event": stop}
+        target=serve_forever, args=(embedded, "127.0.0.1", 0), kwargs={"out": out, "stop_event": stop}
     )
     thread.start()
     try:

@@ -1,0 +1,260 @@
+"""The engine side of ``esamp-agents serve``: one worker thread, a bounded job queue, OpenAI bodies.
+
+:class:`OpenAIBackend` knows nothing of HTTP, so the front end (``http.server`` today) can be
+swapped: it validates a body into a :class:`~esamp_agents.serving.protocol.ParsedRequest`,
+queues it as a :class:`Job` and answers with an OpenAI response body (built with
+:mod:`esamp_agents.openai_format`) or, streamed, with ``("text", delta)`` events and a final
+``("done", (choice, usage))``. ONE worker thread owns the engine, so concurrent requests are
+decoded one at a time (the engine serialises on the model's lock anyway; the queue also
+bounds how many wait). Failures are :class:`~esamp_agents.serving.protocol.RequestError`.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from esamp_agents.decoding.loading import LoadedModel
+from esamp_agents.decoding.params import SamplingParams
+from esamp_agents.decoding.results import Candidate, GenerationResult
+from esamp_agents.openai_format import TokenRenderer, chat_logprobs, completion_logprobs, renderer_for, request_usage
+from esamp_agents.serving.protocol import ParsedRequest, RequestError, ServeDefaults, parse_request
+
+DEFAULT_MAX_BATCH_TOKENS = 1 << 18
+"""rows x (prompt + max_tokens) per request: bounds the preallocated KV cache."""
+DEFAULT_MAX_QUEUE = 64
+"""Requests queued for the worker before new ones get a 503."""
+
+
+@dataclass(eq=False)
+class Job:
+    """One request in the queue: its cancel flag and, when streamed, the events the worker posts."""
+
+    request: ParsedRequest
+    cancel: threading.Event = field(default_factory=threading.Event)
+    events: queue.Queue[tuple[str, Any]] | None = None
+
+
+class OpenAIBackend:
+    """What a front end calls: validation, the job queue and the one engine worker (no HTTP here)."""
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        *,
+        served_name: str,
+        accept_any_model: bool,
+        defaults: ServeDefaults,
+        max_batch_tokens: int,
+        max_queue: int,
+    ) -> None:
+        from esamp_agents.decoding.engine import ESampEngine
+
+        self.loaded = loaded
+        self.engine = ESampEngine(loaded)
+        self.served_name = served_name
+        self.aliases = {served_name, loaded.name}
+        self.accept_any_model = accept_any_model
+        self.defaults = defaults
+        self.max_batch_tokens = max_batch_tokens
+        self.max_queue = max_queue
+        self.created = int(time.time())
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="esamp-serve-worker")
+        self._pending = 0
+        self._lock = threading.Lock()
+        self._jobs: set[Job] = set()
+        self._closed = False
+
+    # ---- models
+    def model_card(self) -> dict[str, Any]:
+        return {"id": self.served_name, "object": "model", "created": self.created, "owned_by": "esamp-agents"}
+
+    def models(self) -> dict[str, Any]:
+        return {"object": "list", "data": [self.model_card()]}
+
+    def check_model(self, name: str) -> None:
+        if name not in self.aliases and not self.accept_any_model:
+            raise RequestError(
+                f"The model `{name}` does not exist; this server serves {self.served_name!r} "
+                "(start it with --accept-any-model to serve any name)",
+                param="model",
+                code="model_not_found",
+                status=404,
+            )
+
+    def parse(self, body: Any, kind: str) -> ParsedRequest:
+        request = parse_request(body, kind, self.defaults, self.loaded.vocab_size)
+        self.check_model(request.model)
+        return request
+
+    # ---- queue
+    def submit(self, job: Job, fn: Callable[[Job], Any]) -> Future[Any]:
+        with self._lock:
+            if self._closed:
+                raise RequestError("the server is shutting down", status=503, type="server_error", code="unavailable")
+            if self._pending >= self.max_queue:
+                raise RequestError(
+                    f"{self._pending} requests are already queued (limit {self.max_queue}); retry later",
+                    status=503,
+                    type="server_error",
+                    code="server_overloaded",
+                )
+            self._pending += 1
+            self._jobs.add(job)
+
+        def run() -> Any:
+            try:
+                if job.cancel.is_set():
+                    raise RequestError("the request was cancelled", status=503, type="server_error", code="cancelled")
+                return fn(job)
+            finally:
+                with self._lock:
+                    self._pending -= 1
+                    self._jobs.discard(job)
+
+        try:
+            return self._executor.submit(run)
+        except RuntimeError as exc:  # the executor was shut down between the check and here
+            with self._lock:
+                self._pending -= 1
+                self._jobs.discard(job)
+            raise RequestError("the server is shutting down", status=503, type="server_error") from exc
+
+    def close(self) -> None:
+        """Refuse new jobs, cancel queued and running ones, wait for the worker."""
+        with self._lock:
+            self._closed = True
+            jobs = list(self._jobs)
+        for job in jobs:
+            job.cancel.set()
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    # ---- work (runs in the worker thread only)
+    def _renderer_once(self) -> TokenRenderer:
+        return renderer_for(self.loaded.tokenizer)
+
+    def _prompt_ids(self, request: ParsedRequest) -> list[list[int]]:
+        tokenizer = self.loaded.tokenizer
+        if request.kind == "chat":
+            return [self.loaded.chat_token_ids(list(request.messages))]
+        ids = []
+        for p in request.prompts:
+            ids.append(list(tokenizer(p)["input_ids"]) if isinstance(p, str) else list(p))
+        return ids
+
+    def _sampling(self, request: ParsedRequest, prompt_ids: list[list[int]]) -> SamplingParams:
+        """The request's sampling with max_tokens settled against the context and batch limits."""
+        window = self.loaded.context_window
+        longest = max(len(ids) for ids in prompt_ids)
+        rows = len(prompt_ids) * request.n
+        param = "messages" if request.kind == "chat" else "prompt"
+        room = min(window - longest, self.max_batch_tokens // rows - longest)
+        if request.max_tokens is None:
+            if room < 1:
+                raise RequestError(
+                    f"the prompt has {longest} tokens, which leaves no room to generate: the context window is "
+                    f"{window} tokens and the per-request limit is {self.max_batch_tokens} tokens over "
+                    f"{rows} rows",
+                    param=param,
+                    code="context_length_exceeded",
+                )
+            return replace(request.sampling, max_new_tokens=min(self.defaults.max_tokens, room))
+        if longest + request.max_tokens > window:
+            raise RequestError(
+                f"This model's maximum context length is {window} tokens. However, you requested "
+                f"{longest + request.max_tokens} tokens ({longest} in the {param}, {request.max_tokens} in the "
+                "completion). Please reduce the length of the prompt or the completion.",
+                param=param,
+                code="context_length_exceeded",
+            )
+        need = rows * (longest + request.max_tokens)
+        if need > self.max_batch_tokens:
+            raise RequestError(
+                f"n={request.n} x {len(prompt_ids)} prompt(s) x ({longest} prompt + {request.max_tokens} completion "
+                f"tokens) = {need} tokens exceeds this server's per-request limit of {self.max_batch_tokens}; "
+                "lower n or max_tokens",
+                param="n",
+                code="request_too_large",
+            )
+        return replace(request.sampling, max_new_tokens=request.max_tokens)
+
+    def _generate(self, job: Job, on_text: Callable[[int, int, str], None] | None = None) -> GenerationResult:
+        request = job.request
+        prompt_ids = self._prompt_ids(request)
+        sampling = self._sampling(request, prompt_ids)
+        try:
+            return self.engine.generate(
+                prompt_ids, sampling, request.esamp, on_text=on_text, cancel=job.cancel, add_special_tokens=False
+            )
+        except ValueError as exc:  # the engine validates its inputs with ValueError
+            raise RequestError(str(exc)) from exc
+
+    def _choice(self, request: ParsedRequest, candidate: Candidate, index: int) -> dict[str, Any]:
+        logprobs = None
+        if request.logprobs:
+            chat = chat_logprobs(
+                candidate, self._renderer_once(), self.loaded.eos_token_ids, top=request.top_logprobs, wire=True
+            )
+            logprobs = chat if request.kind == "chat" else completion_logprobs(chat)
+        if request.kind == "chat":
+            message = {"role": "assistant", "content": candidate.text, "refusal": None}
+            return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": candidate.finish_reason}
+        return {"index": index, "text": candidate.text, "logprobs": logprobs, "finish_reason": candidate.finish_reason}
+
+    def complete(self, job: Job) -> dict[str, Any]:
+        """A whole (non-streamed) response body."""
+        request = job.request
+        result = self._generate(job)
+        choices = []
+        for p, prompt_result in enumerate(result):
+            for c in prompt_result.candidates:
+                choices.append(self._choice(request, c, p * request.n + c.index))
+        chat = request.kind == "chat"
+        return {
+            "id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex,
+            "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": self.served_name,
+            "choices": choices,
+            "usage": request_usage(result),
+            "system_fingerprint": None,
+        }
+
+    def stream_worker(self, job: Job) -> None:
+        """Decode one candidate, posting ("text", delta) events and then ("done", body parts)."""
+        assert job.events is not None
+        events = job.events
+        result = self._generate(job, on_text=lambda _p, _s, delta: events.put(("text", delta)))
+        candidate = result[0].candidates[0]
+        events.put(("done", (self._choice(job.request, candidate, 0), request_usage(result))))
+
+    def start_stream(self, job: Job) -> tuple[Future[Any], Iterator[tuple[str, Any]]]:
+        """Queue a streamed job: its future and its events (``("text", delta)``..., then ``("done", parts)``
+        or ``("error", None)`` when the job failed or was cancelled before posting an event)."""
+        job.events = queue.Queue()
+        future = self.submit(job, self.stream_worker)
+        future.add_done_callback(lambda f: _post_failure(job, f))
+        return future, _events(job.events)
+
+
+def _post_failure(job: Job, future: Future[Any]) -> None:
+    """Wake the streaming front end when its job failed or was cancelled before any event."""
+    if job.events is not None and (future.cancelled() or future.exception() is not None):
+        job.events.put(("error", None))
+
+
+def _events(events: queue.Queue[tuple[str, Any]]) -> Iterator[tuple[str, Any]]:
+    while True:
+        item = events.get()
+        yield item
+        if item[0] != "text":
+            return
+
+
+__all__ = ["DEFAULT_MAX_BATCH_TOKENS", "DEFAULT_MAX_QUEUE", "Job", "OpenAIBackend"]
