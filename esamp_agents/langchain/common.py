@@ -18,16 +18,16 @@ from typing import Any, TypeVar
 from langchain_core.caches import BaseCache
 from langchain_core.globals import get_llm_cache
 from langchain_core.language_models import LangSmithParams
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
 from esamp_agents.decoding.loading import EMBEDDED, LoadedModel, load_model
-from esamp_agents.decoding.params import ESampParams, SamplingParams
+from esamp_agents.decoding.params import PARAM_KEYS, PARAMS, ESampParams, SamplingParams, build_params, param_names
 from esamp_agents.decoding.results import Candidate
 from esamp_agents.openai_format import TokenRenderer, chat_logprobs
 
-_SAMPLING_DEFAULTS = SamplingParams()
-_ESAMP_DEFAULTS = ESampParams()
 DEFAULT_MAX_TOKENS = 256
+"""The LangChain classes' own token budget (not the engine's): kept explicit so changing
+``SamplingParams``' default does not silently change every chain's output length."""
 ALLOWED_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 # Remote-API options that LangChain code (and the standard tests) pass to every chat
@@ -50,29 +50,20 @@ IGNORED_KWARGS = frozenset(
 # Keys LangChain itself may leave in the per-call kwargs; they never reach the engine.
 _INTERNAL_CALL_KWARGS = frozenset({"stream", "ls_structured_output_format", "structured_output_format"})
 
-# Per-call keyword -> field name (aliases included).
+# LangChain-only (type, default) where the table's differ: LangChain passes ``stop`` as a
+# list or None, and the token budget is this integration's own.
+_LANGCHAIN_FIELD_OVERRIDES: dict[str, tuple[Any, Any]] = {
+    "max_tokens": (int, DEFAULT_MAX_TOKENS),
+    "stop": (list[str] | None, None),
+}
+
+# Per-call keyword -> field name: every spelling in the parameter table, plus the two
+# LangChain-side fields that are not engine parameters.
 _CALL_KEYS: dict[str, str] = {
     "model": "model_name",
     "model_name": "model_name",
-    "n": "n",
-    "temperature": "temperature",
-    "top_k": "top_k",
-    "top_p": "top_p",
-    "min_p": "min_p",
-    "max_tokens": "max_tokens",
-    "max_new_tokens": "max_tokens",
-    "stop": "stop",
-    "seed": "seed",
     "logprobs": "logprobs",
-    "top_logprobs": "top_logprobs",
-    "beta": "beta",
-    "distiller_width": "distiller_width",
-    "distiller_lr": "distiller_lr",
-    "lr": "distiller_lr",
-    "adam_eps": "adam_eps",
-    "grad_clip": "grad_clip",
-    "warm_start_steps": "warm_start_steps",
-    "warm_start_lr": "warm_start_lr",
+    **{key: spec.name for key, spec in PARAM_KEYS.items()},
 }
 
 
@@ -134,8 +125,31 @@ def _as_stop_tuple(stop: Any) -> tuple[str, ...]:
     return tuple(stop)
 
 
-class ESampLangChainMixin(BaseModel):
+def _param_field(name: str) -> tuple[Any, Any]:
+    """One table row -> a pydantic (annotation, Field): the field's doc becomes its
+    description, and its other spellings (``max_new_tokens``, ``lr``) are accepted too."""
+    spec = PARAM_KEYS[name]
+    annotation, default = _LANGCHAIN_FIELD_OVERRIDES.get(name, (spec.type, spec.default))
+    alias = AliasChoices(*spec.spellings) if spec.aliases else None
+    return annotation, Field(default=default, description=spec.doc, validation_alias=alias)
+
+
+_ParamFields: type[BaseModel] = create_model(  # type: ignore[call-overload]
+    "ESampParamFields",
+    __doc__="The ESamp/sampling fields, one per row of PARAMS.",
+    **{spec.name: _param_field(spec.name) for spec in PARAMS},
+)
+
+
+class ESampLangChainMixin(_ParamFields):  # type: ignore[misc, valid-type]
     """Fields and helpers shared by ``ESampLLM`` and ``ChatESamp``.
+
+    The ESamp/sampling fields are generated, one per row of
+    :data:`esamp_agents.decoding.params.PARAMS` (``param_names()`` lists them: ``n``,
+    ``temperature``, ..., ``max_tokens`` alias ``max_new_tokens``, ``distiller_lr`` alias ``lr``,
+    ``ignore_eos``, ``shared_distiller``), with the engine's defaults and docs, except
+    ``max_tokens`` (:data:`DEFAULT_MAX_TOKENS`) and ``stop`` (``None``). Each is also a per-call
+    keyword. ``n`` candidates are all returned by ``generate``; ``invoke`` returns the first.
 
     Subclasses must list this mixin before the LangChain base class so that its field
     defaults (notably ``cache=False``) win.
@@ -152,30 +166,8 @@ class ESampLangChainMixin(BaseModel):
     dtype: str = "auto"
     """Weights dtype for lazy loading: 'auto', 'float32', 'bfloat16' or 'float16'."""
 
-    n: int = 1
-    """Candidates per prompt (all returned by ``generate``; ``invoke`` returns the first)."""
-    temperature: float = _SAMPLING_DEFAULTS.temperature
-    top_k: int = _SAMPLING_DEFAULTS.top_k
-    top_p: float = _SAMPLING_DEFAULTS.top_p
-    min_p: float = _SAMPLING_DEFAULTS.min_p
-    max_tokens: int = Field(default=DEFAULT_MAX_TOKENS, validation_alias=AliasChoices("max_tokens", "max_new_tokens"))
-    """Maximum new tokens per candidate (also accepted as ``max_new_tokens``)."""
-    stop: list[str] | None = None
-    seed: int | None = None
     logprobs: bool = False
-    """Return per-token logprobs (OpenAI shape) in each candidate's metadata."""
-    top_logprobs: int = 0
-    """Alternatives per token in the logprobs (implies ``logprobs=True`` when > 0)."""
-
-    beta: float = _ESAMP_DEFAULTS.beta
-    """Exploration strength; 0 switches ESamp off (plain sampling). The paper's is 0.25."""
-    distiller_width: int = _ESAMP_DEFAULTS.distiller_width
-    distiller_lr: float = Field(default=_ESAMP_DEFAULTS.lr, validation_alias=AliasChoices("distiller_lr", "lr"))
-    adam_eps: float = _ESAMP_DEFAULTS.adam_eps
-    grad_clip: float = _ESAMP_DEFAULTS.grad_clip
-    warm_start_steps: int = _ESAMP_DEFAULTS.warm_start_steps
-    """Adam steps fitting each prompt's Distiller on its prefill states first (0 = the paper's recipe)."""
-    warm_start_lr: float = _ESAMP_DEFAULTS.warm_start_lr
+    """Return per-token logprobs (OpenAI shape) in each candidate's metadata (implied by ``top_logprobs > 0``)."""
 
     streaming: bool = False
     """Stream tokens to callbacks during ``invoke`` (requires ``n=1`` for the chat model)."""
@@ -250,26 +242,7 @@ class ESampLangChainMixin(BaseModel):
         logprobs = values["logprobs"]
         if not isinstance(logprobs, bool):
             raise ValueError(f"logprobs={logprobs!r} must be True or False")
-        sampling = SamplingParams(
-            n=values["n"],
-            max_new_tokens=values["max_tokens"],
-            temperature=values["temperature"],
-            top_k=values["top_k"],
-            top_p=values["top_p"],
-            min_p=values["min_p"],
-            stop=_as_stop_tuple(values["stop"]),
-            seed=values["seed"],
-            top_logprobs=values["top_logprobs"],
-        )
-        esamp = ESampParams(
-            beta=values["beta"],
-            distiller_width=values["distiller_width"],
-            lr=values["distiller_lr"],
-            adam_eps=values["adam_eps"],
-            grad_clip=values["grad_clip"],
-            warm_start_steps=values["warm_start_steps"],
-            warm_start_lr=values["warm_start_lr"],
-        )
+        sampling, esamp = build_params({name: values[name] for name in param_names()})
         return CallConfig(model_name, sampling, esamp, logprobs or sampling.top_logprobs > 0)
 
     def _resolve_model(self, model_name: str) -> LoadedModel:
@@ -312,37 +285,27 @@ class ESampLangChainMixin(BaseModel):
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
-        return {
-            "model_name": self.model_name,
-            "n": self.n,
-            "temperature": self.temperature,
-            "top_k": self.top_k,
-            "top_p": self.top_p,
-            "min_p": self.min_p,
-            "max_tokens": self.max_tokens,
-            "stop": self.stop,
-            "seed": self.seed,
-            "logprobs": self.logprobs,
-            "top_logprobs": self.top_logprobs,
-            "beta": self.beta,
-            "distiller_width": self.distiller_width,
-            "distiller_lr": self.distiller_lr,
-            "adam_eps": self.adam_eps,
-            "grad_clip": self.grad_clip,
-            "warm_start_steps": self.warm_start_steps,
-            "warm_start_lr": self.warm_start_lr,
-        }
+        """The model and every parameter of the table (so a cache or trace tells calls apart)."""
+        params = {name: getattr(self, name) for name in param_names()}
+        return {"model_name": self.model_name, **params, "logprobs": self.logprobs}
+
+    def _call_value(self, kwargs: dict[str, Any], name: str) -> Any:
+        """A parameter's per-call value under any of its spellings, else the field's."""
+        for key in PARAM_KEYS[name].spellings:
+            if key in kwargs:
+                return kwargs[key]
+        return getattr(self, name)
 
     def _ls_params(self, model_type: str, stop: Sequence[str] | str | None, kwargs: dict[str, Any]) -> LangSmithParams:
         model_name = kwargs.get("model", kwargs.get("model_name", self.model_name))
         params = LangSmithParams(ls_provider="esamp", ls_model_name=str(model_name), ls_model_type=model_type)  # type: ignore[typeddict-item]
-        temperature = kwargs.get("temperature", self.temperature)
+        temperature = self._call_value(kwargs, "temperature")
         if isinstance(temperature, (int, float)) and not isinstance(temperature, bool):
             params["ls_temperature"] = float(temperature)
-        max_tokens = kwargs.get("max_tokens", kwargs.get("max_new_tokens", self.max_tokens))
+        max_tokens = self._call_value(kwargs, "max_tokens")
         if isinstance(max_tokens, int) and not isinstance(max_tokens, bool):
             params["ls_max_tokens"] = max_tokens
-        stops = _as_stop_tuple(stop if stop is not None else kwargs.get("stop", self.stop))
+        stops = _as_stop_tuple(stop if stop is not None else self._call_value(kwargs, "stop"))
         if stops:
             params["ls_stop"] = list(stops)
         return params
