@@ -135,7 +135,8 @@ def _known_samplers() -> list[str]:
 
 def _complete_samplers(task_dir: Path, problems: Sequence[Problem], n: int, extra: Sequence[str]) -> list[str]:
     """Samplers whose cache folder holds all ``n`` candidates of every problem."""
-    from esamp_agents.evaluation.harness import GENERATIONS, parse_sampler
+    from esamp_agents.evaluation.harness import GENERATIONS
+    from esamp_agents.evaluation.samplers import parse_sampler
     from esamp_agents.hidden_reward.collect import read_records
 
     wanted = {p.id for p in problems}
@@ -154,7 +155,7 @@ def _complete_samplers(task_dir: Path, problems: Sequence[Problem], n: int, extr
 
 def _twin(name: str) -> str:
     """The plain sampler an ESamp sampler is compared with: same temperature and min-p."""
-    from esamp_agents.evaluation.harness import parse_sampler
+    from esamp_agents.evaluation.samplers import parse_sampler
 
     s = parse_sampler(name)
     plain = f"minp:{s.min_p}" if s.min_p else "vanilla"
@@ -212,7 +213,8 @@ def _loss_curve(groups: list[list[dict[str, Any]]]) -> list[float]:
 
 
 def _report_task(args: argparse.Namespace, task: str, engine: Any) -> dict[str, Any] | None:
-    from esamp_agents.evaluation.harness import GENERATIONS, _grouped, parse_sampler, reward_scores, run_eval
+    from esamp_agents.evaluation.harness import GENERATIONS, _grouped, reward_scores, run_eval
+    from esamp_agents.evaluation.samplers import parse_sampler
     from esamp_agents.hidden_reward.collect import read_records
     from esamp_agents.hidden_reward.reward import HiddenStateReward
 

@@ -13,23 +13,19 @@ import pytest
 import torch
 
 from esamp_agents.cli.app import _add_model_args
+from esamp_agents.cli.eval import add_eval_command, run_eval_command
 from esamp_agents.evaluation.harness import (
     GENERATIONS,
-    PLOT_FILES,
-    RESULTS,
-    Sampler,
-    add_eval_command,
     check_ks,
     check_selectors,
     default_ks,
     default_selectors,
-    parse_sampler,
-    parse_samplers,
     reward_scores,
     run_eval,
-    run_eval_command,
-    write_plots,
 )
+from esamp_agents.evaluation.plots import PLOT_FILES, write_plots
+from esamp_agents.evaluation.report import RESULTS
+from esamp_agents.evaluation.samplers import Sampler, parse_sampler, parse_samplers
 from esamp_agents.evaluation.tasks import load_problems
 from esamp_agents.hidden_reward.collect import CollectFormatError, read_records
 from esamp_agents.hidden_reward.features import hidden_spec, posthoc_rewards

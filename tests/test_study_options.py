@@ -10,7 +10,7 @@ import torch
 
 from esamp_agents import ESampParams, SamplingParams
 from esamp_agents.decoding.distiller import BatchedDistiller
-from esamp_agents.evaluation.harness import Sampler, parse_sampler
+from esamp_agents.evaluation.samplers import Sampler, parse_sampler
 from esamp_agents.evaluation.tasks import generate_problems
 from esamp_agents.hidden_reward.collect import MANIFEST, collect, read_records
 
@@ -141,7 +141,7 @@ def test_generate_and_serve_take_a_preset() -> None:
 
 def test_plots_give_every_sampler_its_own_style_beyond_ten() -> None:
     pytest.importorskip("matplotlib")
-    from esamp_agents.evaluation.harness import _style
+    from esamp_agents.evaluation.plots import _style
 
     styles = [(tuple(_style(i, 14)[0]), _style(i, 14)[1]) for i in range(14)]
     assert len(set(styles)) == 14

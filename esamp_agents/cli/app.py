@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from esamp_agents.cli.demo import DEMO_BETA
+from esamp_agents.cli.eval import add_eval_command, run_eval_command
 from esamp_agents.cli.reward import COMMANDS as REWARD_COMMANDS
 from esamp_agents.cli.reward import add_reward_commands
 from esamp_agents.cli.serve import add_serve_command, run_serve
 from esamp_agents.decoding.loading import EMBEDDED, LoadedModel, ModelLoadError, load_model
 from esamp_agents.decoding.params import ESAMP_PRESETS, ESampParams, SamplingParams, esamp_preset
 from esamp_agents.decoding.results import Candidate, GenerationResult
-from esamp_agents.evaluation.harness import add_eval_command, run_eval_command
 
 PROG = "esamp-agents"
 DEFAULT_MAX_TOKENS = 128

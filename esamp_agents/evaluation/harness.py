@@ -17,38 +17,34 @@ Layout of ``out_dir``:
 - ``results.json``: settings and every metric per sampler (written atomically);
 - ``pass_at_k.png``, ``best_of_n.png``, ``diversity_quality.png``.
 
-Samplers are strings: ``vanilla`` (plain sampling), ``esamp`` (the package's ESamp defaults),
-``esamp:BETA`` (no warm start) / ``esamp:BETA:warmSTEPS`` (Exploratory Sampling) and ``minp:P``
-(plain sampling with min-p), each with optional ``:key=value`` options (:data:`SAMPLER_USAGE`);
-temperature, top-k, top-p and the token budget are shared unless a sampler sets ``:t=``, and
-every sampler uses the same seed.
+Samplers are spelled as in :mod:`esamp_agents.evaluation.samplers`; temperature, top-k, top-p
+and the token budget are shared unless a sampler sets ``:t=``, and every sampler uses the same
+seed. The report and its tables are in :mod:`~esamp_agents.evaluation.report`, the plots in
+:mod:`~esamp_agents.evaluation.plots`, the ``esamp-agents eval`` command in :mod:`esamp_agents.cli.eval`.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import importlib.util
 import json
 import math
 import numbers
-import os
-import re
 import sys
-import tempfile
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TextIO
+from typing import TYPE_CHECKING, Any
 
-from esamp_agents.atomic import atomic_write_bytes
 from esamp_agents.decoding.params import ESampParams, SamplingParams
+from esamp_agents.evaluation.plots import MATPLOTLIB_MISSING, write_plots
+from esamp_agents.evaluation.report import FORMAT_NAME, FORMAT_VERSION, RESULTS, Interval, json_safe, write_json
+from esamp_agents.evaluation.samplers import Sampler, parse_samplers
 from esamp_agents.evaluation.tasks import DEFAULT_SUFFIX, Problem, answers_match
-from esamp_agents.hidden_reward.collect_ray import add_ray_args, ray_options_from_args
 from esamp_agents.validation import check_int
 
 if TYPE_CHECKING:  # the heavy modules (torch) load on first use, so the CLI starts fast
@@ -59,223 +55,10 @@ if TYPE_CHECKING:  # the heavy modules (torch) load on first use, so the CLI sta
     from esamp_agents.hidden_reward.collect_ray import RayOptions
     from esamp_agents.hidden_reward.head import FeatureSpec, GatedLinearHead
 
-FORMAT_NAME = "esamp-agents/eval"
-FORMAT_VERSION = 1
 GENERATIONS = "generations"
-RESULTS = "results.json"
 TIMING = "timing.json"
-PLOT_FILES = ("pass_at_k.png", "best_of_n.png", "diversity_quality.png")
 SCORE_NAMES = ("mean_logprob", "reward")
-SAMPLER_USAGE = (
-    "allowed: vanilla, esamp (the defaults), esamp:BETA, esamp:BETA:warmSTEPS (0 < BETA <= 100, 0 <= STEPS <= 10000), "
-    "minp:P (0 < P < 1), each optionally followed by ':t=TEMPERATURE' (0 < T <= 10); esamp also by "
-    "':warm_lr=LR' (0 < LR <= 1), ':width=W' (1 <= W <= 65536), ':shared' (one Distiller for all prompts) "
-    "and ':min_p=P'"
-)
 SELECTOR_USAGE = f"allowed: random, majority, oracle, argmax:SCORE, vote:SCORE with SCORE in {', '.join(SCORE_NAMES)}"
-MATPLOTLIB_MISSING = "plots skipped: matplotlib is not installed (pip install 'matplotlib>=3.8')"
-SELECTOR_LABELS = {
-    "random": "random pick",
-    "majority": "majority vote",
-    "oracle": "oracle (any correct)",
-    "argmax:mean_logprob": "highest mean logprob",
-    "argmax:reward": "highest reward",
-    "vote:reward": "reward-weighted vote",
-    "vote:mean_logprob": "logprob-weighted vote",
-}
-
-Interval = dict[str, float | None]
-
-
-# --------------------------------------------------------------------------- samplers
-
-
-def _num(x: float) -> str:
-    """Shortest exact spelling of a float, without a trailing '.0' (stable folder names)."""
-    text = repr(float(x))
-    return text[:-2] if text.endswith(".0") else text
-
-
-@dataclass(frozen=True)
-class Sampler:
-    """One way to sample candidates; ``name`` is its canonical spelling, ``folder`` its cache folder.
-
-    ``None`` options take the run's shared setting (temperature) or the :class:`ESampParams` default.
-    """
-
-    kind: Literal["vanilla", "esamp", "minp"]
-    beta: float = 0.0
-    min_p: float = 0.0
-    warm_start_steps: int = 0
-    warm_start_lr: float | None = None
-    distiller_width: int | None = None
-    shared_distiller: bool = False
-    temperature: float | None = None
-
-    def __post_init__(self) -> None:
-        plain = (
-            self.beta == 0
-            and self.warm_start_steps == 0
-            and self.warm_start_lr is None
-            and self.distiller_width is None
-            and not self.shared_distiller
-        )
-        ok = {
-            "vanilla": plain and self.min_p == 0,
-            "esamp": 0 < self.beta <= 100 and 0 <= self.min_p < 1 and 0 <= self.warm_start_steps <= 10000,
-            "minp": plain and 0 < self.min_p < 1,
-        }
-        temperature_ok = self.temperature is None or 0 < self.temperature <= 10
-        if not ok.get(self.kind, False) or not temperature_ok:
-            raise ValueError(f"{self!r} is not a valid sampler; {SAMPLER_USAGE}")
-        if self.kind == "esamp":
-            self.esamp_params()  # range-checks width and warm-start lr
-
-    @property
-    def name(self) -> str:
-        if self.kind == "vanilla":
-            parts = ["vanilla"]
-        elif self.kind == "minp":
-            parts = ["minp", _num(self.min_p)]
-        else:
-            parts = ["esamp", _num(self.beta)]
-            if self.warm_start_steps:
-                parts.append(f"warm{self.warm_start_steps}")
-            if self.warm_start_lr is not None:
-                parts.append(f"warm_lr={_num(self.warm_start_lr)}")
-            if self.distiller_width is not None:
-                parts.append(f"width={self.distiller_width}")
-            if self.shared_distiller:
-                parts.append("shared")
-            if self.min_p:
-                parts.append(f"min_p={_num(self.min_p)}")
-        if self.temperature is not None:
-            parts.append(f"t={_num(self.temperature)}")
-        return ":".join(parts)
-
-    @property
-    def folder(self) -> str:
-        return self.name.replace(":", "_")  # no ':' in paths (Windows)
-
-    def esamp_params(self) -> ESampParams:
-        extra: dict[str, Any] = {}
-        if self.warm_start_lr is not None:
-            extra["warm_start_lr"] = self.warm_start_lr
-        if self.distiller_width is not None:
-            extra["distiller_width"] = self.distiller_width
-        return ESampParams(
-            beta=self.beta, warm_start_steps=self.warm_start_steps, shared_distiller=self.shared_distiller, **extra
-        )
-
-    def sampling_params(
-        self, *, n: int, temperature: float, top_k: int, top_p: float, max_tokens: int, seed: int
-    ) -> SamplingParams:
-        return SamplingParams(
-            n=n,
-            max_new_tokens=max_tokens,
-            temperature=temperature if self.temperature is None else self.temperature,
-            top_k=top_k,
-            top_p=top_p,
-            min_p=self.min_p,
-            seed=seed,
-        )
-
-
-def _parse_float(text: str, spec: str, what: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError(f"sampler {spec!r}: {what}={text!r} is not a number; {SAMPLER_USAGE}") from None
-    if not math.isfinite(value):
-        raise ValueError(f"sampler {spec!r}: {what}={text!r} is not finite; {SAMPLER_USAGE}")
-    return value
-
-
-def _parse_options(spec: str, kind: str, tokens: list[str]) -> dict[str, Any]:
-    """The ``:key=value`` / ``:shared`` options after a sampler's positional parts."""
-    out: dict[str, Any] = {}
-    seen: set[str] = set()
-    for token in tokens:
-        key, eq, value = token.partition("=")
-        esamp_only = key in ("warm_lr", "width", "shared", "min_p")
-        if key in seen or (esamp_only and kind != "esamp") or (bool(eq) == (key == "shared")):
-            raise ValueError(f"sampler {spec!r}: option {token!r} is not understood here; {SAMPLER_USAGE}")
-        seen.add(key)
-        if key == "t":
-            t = _parse_float(value, spec, "t")
-            if not 0.0 < t <= 10.0:
-                raise ValueError(f"sampler {spec!r}: t={t!r} is out of range; allowed: 0 < t <= 10")
-            out["temperature"] = t
-        elif key == "warm_lr":
-            lr = _parse_float(value, spec, "warm_lr")
-            if not 0.0 < lr <= 1.0:
-                raise ValueError(f"sampler {spec!r}: warm_lr={lr!r} is out of range; allowed: 0 < warm_lr <= 1")
-            out["warm_start_lr"] = lr
-        elif key == "width":
-            if not value.isdigit() or not 1 <= int(value) <= 65536:
-                raise ValueError(f"sampler {spec!r}: width={value!r} is out of range; allowed: 1 <= width <= 65536")
-            out["distiller_width"] = int(value)
-        elif key == "min_p":
-            p = _parse_float(value, spec, "min_p")
-            if not 0.0 < p < 1.0:
-                raise ValueError(f"sampler {spec!r}: min_p={p!r} is out of range; allowed: 0 < min_p < 1")
-            out["min_p"] = p
-        elif key == "shared":
-            out["shared_distiller"] = True
-        else:
-            raise ValueError(f"sampler {spec!r}: option {token!r} is not understood; {SAMPLER_USAGE}")
-    return out
-
-
-def parse_sampler(spec: str | Sampler) -> Sampler:
-    """``vanilla``, ``esamp[:BETA[:warmSTEPS]]`` or ``minp:P``, then options -> :class:`Sampler` (range-checked)."""
-    if isinstance(spec, Sampler):
-        return spec
-    if not isinstance(spec, str):
-        raise ValueError(f"sampler {spec!r} must be a string; {SAMPLER_USAGE}")
-    kind, *rest = spec.strip().split(":")
-    positional = [t for t in rest if "=" not in t and t != "shared"]
-    options = rest[len(positional) :]
-    if positional != rest[: len(positional)]:
-        raise ValueError(f"sampler {spec!r}: options must come after BETA/STEPS/P; {SAMPLER_USAGE}")
-    if kind == "vanilla" and not positional:
-        return Sampler("vanilla", **_parse_options(spec, kind, options))
-    if kind == "esamp" and len(positional) <= 2:
-        beta = _parse_float(positional[0], spec, "BETA") if positional else ESampParams.beta
-        if not 0.0 < beta <= 100.0:
-            raise ValueError(
-                f"sampler {spec!r}: BETA={beta!r} is out of range; allowed: 0 < BETA <= 100 (for beta 0 use 'vanilla')"
-            )
-        warm = 0 if positional else ESampParams.warm_start_steps  # bare 'esamp': the package defaults
-        if len(positional) == 2:
-            match = re.fullmatch(r"warm(\d+)", positional[1])
-            if match is None or int(match.group(1)) > 10000:
-                raise ValueError(
-                    f"sampler {spec!r}: {positional[1]!r} is not warmSTEPS with 0 <= STEPS <= 10000; {SAMPLER_USAGE}"
-                )
-            warm = int(match.group(1))
-        return Sampler("esamp", beta=beta, warm_start_steps=warm, **_parse_options(spec, kind, options))
-    if kind == "minp" and len(positional) == 1:
-        p = _parse_float(positional[0], spec, "P")
-        if not 0.0 < p < 1.0:
-            raise ValueError(f"sampler {spec!r}: P={p!r} is out of range; allowed: 0 < P < 1")
-        return Sampler("minp", min_p=p, **_parse_options(spec, kind, options))
-    raise ValueError(f"sampler {spec!r} is not understood; {SAMPLER_USAGE}")
-
-
-def parse_samplers(specs: Sequence[str | Sampler]) -> list[Sampler]:
-    """Parse every sampler; two spellings of the same sampler (``esamp`` and ``esamp:0.1:warm20``) are rejected."""
-    if isinstance(specs, (str, Sampler)) or not isinstance(specs, Sequence) or not specs:
-        raise ValueError(f"samplers={specs!r} must be a non-empty list; {SAMPLER_USAGE}")
-    out: list[Sampler] = []
-    seen: dict[str, str | Sampler] = {}
-    for spec in specs:
-        sampler = parse_sampler(spec)
-        if sampler.name in seen:
-            raise ValueError(f"samplers {seen[sampler.name]!r} and {spec!r} are the same sampler ({sampler.name})")
-        seen[sampler.name] = spec
-        out.append(sampler)
-    return out
 
 
 # --------------------------------------------------------------------------- checks
@@ -366,23 +149,6 @@ def resolve_reward_head(value: GatedLinearHead | str | Path | None) -> tuple[Gat
 # --------------------------------------------------------------------------- files
 
 
-def _json_safe(value: Any) -> Any:
-    """JSON has no NaN/inf: non-finite floats become null; tuples become lists, keys strings."""
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        return value
-    if isinstance(value, numbers.Integral):
-        return int(value)
-    return float(value) if math.isfinite(value) else None
-
-
-def _write_json(path: Path, data: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(data, indent=2, allow_nan=False, ensure_ascii=False) + "\n").encode("utf-8"))
-
-
 def _read_timing(folder: Path) -> dict[str, Any] | None:
     try:
         timing = json.loads((folder / TIMING).read_text(encoding="utf-8"))
@@ -393,7 +159,7 @@ def _read_timing(folder: Path) -> dict[str, Any] | None:
 
 def _add_timing(folder: Path, seconds: float) -> None:
     old = _read_timing(folder) or {"seconds": 0.0, "runs": 0}
-    _write_json(folder / TIMING, {"seconds": float(old["seconds"]) + seconds, "runs": int(old.get("runs", 0)) + 1})
+    write_json(folder / TIMING, {"seconds": float(old["seconds"]) + seconds, "runs": int(old.get("runs", 0)) + 1})
 
 
 def _folder_spec(
@@ -827,8 +593,8 @@ def run_eval(
         "seconds": None,
     }
     results["seconds"] = time.perf_counter() - start
-    results = _json_safe(results)
-    _write_json(out / RESULTS, results)  # before plotting: a plotting failure loses no numbers
+    results = json_safe(results)
+    write_json(out / RESULTS, results)  # before plotting: a plotting failure loses no numbers
     if plots:
         try:
             results["plots"] = write_plots(results, out)
@@ -836,364 +602,19 @@ def run_eval(
             warnings.warn(MATPLOTLIB_MISSING, stacklevel=2)
             results["plots_skipped"] = MATPLOTLIB_MISSING
         results["seconds"] = time.perf_counter() - start
-        _write_json(out / RESULTS, results)
+        write_json(out / RESULTS, results)
     return results
 
 
-# --------------------------------------------------------------------------- plots
-
-
-def _series(by_k: Mapping[str, Interval], ks: Sequence[int]) -> tuple[list[int], list[float], list[float], list[float]]:
-    """(ks, mean, low, high) of the ks that have a value."""
-    rows = [(k, by_k[str(k)]) for k in ks if by_k.get(str(k)) and by_k[str(k)]["mean"] is not None]
-    return [k for k, _ in rows], [v["mean"] for _, v in rows], [v["low"] for _, v in rows], [v["high"] for _, v in rows]
-
-
-def _style(i: int, count: int) -> tuple[Any, str]:
-    """A distinct (color, marker) per sampler: matplotlib's 10 colors, then tab20 and other markers."""
-    if count <= 10:
-        return f"C{i}", "o"
-    from matplotlib import colormaps
-
-    return colormaps["tab20"](i % 20), "osD^v<>p"[(i // 20) % 8]
-
-
-def _curves(ax: Any, results: Mapping[str, Any], pick: Callable[[Mapping[str, Any]], Mapping[str, Interval]]) -> None:
-    ks = results["settings"]["ks"]
-    for i, (name, res) in enumerate(results["samplers"].items()):
-        xs, mean, low, high = _series(pick(res), ks)
-        color, marker = _style(i, len(results["samplers"]))
-        ax.plot(xs, mean, marker=marker, color=color, label=name)
-        ax.fill_between(xs, low, high, color=color, alpha=0.18, linewidth=0)
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(ks, [str(k) for k in ks])
-    ax.minorticks_off()
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_xlabel("k (candidates)")
-    ax.grid(True, alpha=0.3)
-
-
-def _headline_selector(selectors: Sequence[str]) -> str:
-    for s in ("vote:reward", "argmax:reward", "majority", "argmax:mean_logprob"):
-        if s in selectors:
-            return s
-    return selectors[0]
-
-
-def _save(fig: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _legend(fig: Any, ax: Any) -> None:
-    """One legend for the figure, below the panels, so it never hides a curve."""
-    handles, labels = ax.get_legend_handles_labels()
-    if handles:
-        fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 5), fontsize=9, frameon=False)
-
-
-def write_plots(results: Mapping[str, Any], out_dir: str | Path) -> list[str]:
-    """Pass@k and Best-of-N@k curves (95% CI bands) and diversity vs quality; returns the file names.
-
-    Uses matplotlib's object API with the Agg canvas (no pyplot, no global backend change);
-    raises ImportError when matplotlib is missing.
-    """
-    from matplotlib.figure import Figure
-
-    out = Path(out_dir)
-    ks, selectors = results["settings"]["ks"], results["settings"]["selectors"]
-    samplers = results["samplers"]
-    k_max = max(ks)
-    problems = results["problems"]
-    where = f"{problems['count']} problems ({', '.join(problems['tasks'])}), n={results['settings']['n']}"
-    written = []
-
-    fig = Figure(figsize=(6.4, 4.8), layout="constrained")
-    ax = fig.add_subplot()
-    _curves(ax, results, lambda r: r["pass_at_k"])
-    ax.set_ylabel("pass@k (unbiased)")
-    ax.set_title(f"Pass@k (95% CI), {where}", fontsize=10)
-    _legend(fig, ax)
-    _save(fig, out / PLOT_FILES[0])
-    written.append(PLOT_FILES[0])
-
-    cols = min(3, len(selectors))
-    rows = math.ceil(len(selectors) / cols)
-    fig = Figure(figsize=(4.2 * cols, 3.2 * rows + 0.9), layout="constrained")
-    axes = fig.subplots(rows, cols, squeeze=False, sharey=True)
-    for j, sel in enumerate(selectors):
-        ax = axes[j // cols][j % cols]
-        _curves(ax, results, lambda r, sel=sel: r["best_of_n"][sel])
-        ax.set_title(SELECTOR_LABELS.get(sel, sel), fontsize=10)
-        if j % cols == 0:
-            ax.set_ylabel("Best-of-N@k accuracy")
-    for j in range(len(selectors), rows * cols):
-        axes[j // cols][j % cols].set_visible(False)
-    _legend(fig, axes[0][0])
-    fig.suptitle(f"Best-of-N@k by selector (95% CI), {where}", fontsize=11)
-    _save(fig, out / PLOT_FILES[1])
-    written.append(PLOT_FILES[1])
-
-    headline = _headline_selector(selectors)
-    use_embed = any(r["diversity"].get("embedding_similarity") for r in samplers.values())
-    x_key = "embedding_similarity" if use_embed else "distinct_2"
-    x_label = (
-        "mean pairwise embedding similarity (lower = more diverse)"
-        if use_embed
-        else "distinct-2 (higher = more diverse)"
-    )
-    fig = Figure(figsize=(11, 4.8), layout="constrained")
-    axes = fig.subplots(1, 2, sharex=True)
-    panels = (
-        (axes[0], lambda r: r["pass_at_k"][str(k_max)], f"pass@{k_max}"),
-        (
-            axes[1],
-            lambda r: r["best_of_n"][headline][str(k_max)],
-            f"Best-of-N@{k_max}: {SELECTOR_LABELS.get(headline, headline)}",
-        ),
-    )
-    for ax, pick, label in panels:
-        for i, (name, res) in enumerate(samplers.items()):
-            x, y = res["diversity"][x_key], pick(res)
-            if not x or x["mean"] is None or y["mean"] is None:
-                continue
-            color, marker = _style(i, len(samplers))
-            ax.errorbar(
-                x["mean"],
-                y["mean"],
-                color=color,
-                marker=marker,
-                markersize=7,
-                capsize=3,
-                label=name,
-                xerr=[[x["mean"] - x["low"]], [x["high"] - x["mean"]]],
-                yerr=[[y["mean"] - y["low"]], [y["high"] - y["mean"]]],
-            )
-        ax.set_xlabel(x_label, fontsize=9)
-        ax.set_ylabel(label)
-        ax.set_ylim(-0.02, 1.02)
-        ax.grid(True, alpha=0.3)
-    _legend(fig, axes[0])
-    fig.suptitle(f"Diversity vs quality (95% CI), {where}", fontsize=11)
-    _save(fig, out / PLOT_FILES[2])
-    written.append(PLOT_FILES[2])
-    return written
-
-
-# --------------------------------------------------------------------------- report
-
-
-def _pct(v: Interval | None) -> str:
-    return "-" if not v or v["mean"] is None else f"{100 * v['mean']:.1f} [{100 * v['low']:.1f}, {100 * v['high']:.1f}]"
-
-
-def _val(v: Interval | None, fmt: str = ".3f") -> str:
-    return "-" if not v or v["mean"] is None else format(v["mean"], fmt)
-
-
-def format_summary(results: Mapping[str, Any]) -> str:
-    """Two markdown tables: quality at the largest k (with 95% CIs), then diversity and cost."""
-    k = max(results["settings"]["ks"])
-    selectors = results["settings"]["selectors"]
-    head = ["sampler", "accuracy", f"pass@{k}", *(f"{SELECTOR_LABELS.get(s, s)} @{k}" for s in selectors)]
-    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
-    for name, r in results["samplers"].items():
-        cells = [name, _pct(r["accuracy"]), _pct(r["pass_at_k"][str(k)])]
-        cells += [_pct(r["best_of_n"][s][str(k)]) for s in selectors]
-        lines.append("| " + " | ".join(cells) + " |")
-    head2 = [
-        "sampler",
-        "distinct answers",
-        "distinct-1",
-        "distinct-2",
-        "emb. similarity",
-        "Vendi",
-        "perplexity",
-        "mean tokens",
-        "tokens",
-        "seconds",
-    ]
-    lines += ["", "| " + " | ".join(head2) + " |", "|---" * len(head2) + "|"]
-    for name, r in results["samplers"].items():
-        d, g = r["diversity"], r["generation"]
-        cells = [
-            name,
-            _val(d["distinct_answers"], ".2f"),
-            _val(d["distinct_1"]),
-            _val(d["distinct_2"]),
-            _val(d["embedding_similarity"]),
-            _val(d["vendi"], ".2f"),
-            _val(r["perplexity"], ".2f"),
-            f"{r['mean_tokens']:.1f}",
-            str(g["tokens"]),
-            "-" if g["seconds"] is None else f"{g['seconds']:.1f}",
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def add_eval_command(subparsers: Any, add_model_args: Callable[[argparse.ArgumentParser], None]) -> Any:
-    """Register ``eval`` on the main parser's subparsers; returns its parser."""
-    e = subparsers.add_parser(
-        "eval",
-        help="evaluate samplers x selectors on a task: results.json and plots (resumable)",
-        description="Sample N candidates per problem with each sampler (cached and resumable under "
-        "OUT/generations/), then report per-sample accuracy, unbiased pass@k, Best-of-N@k per selector "
-        "and majority@k with 95% bootstrap CIs, diversity (distinct answers, distinct-n, MiniLM embedding "
-        "similarity and Vendi), perplexity, tokens and time, in OUT/results.json and PNG plots.",
-        epilog="example: esamp-agents eval --task single_digit:50:0:test --samplers vanilla esamp:0.25 minp:0.05 "
-        "-n 8 --ks 1 2 4 8 --out runs/eval",
-    )
-    e.add_argument(
-        "--task",
-        required=True,
-        help="TASK:COUNT[:SEED[:SPLIT]] (e.g. single_digit:50:0:test) or gsm8k:PATH / svamp:PATH / math:PATH",
-    )
-    e.add_argument(
-        "--samplers",
-        nargs="+",
-        default=["vanilla", "esamp"],
-        metavar="SAMPLER",
-        help="vanilla, esamp[:BETA[:warmSTEPS]], minp:P, each with :key=value options "
-        "(default: vanilla esamp = the package's ESamp defaults)",
-    )
-    e.add_argument("-n", type=int, default=8, help="candidates per problem (default 8)")
-    e.add_argument("--ks", type=int, nargs="+", default=None, help="k values (default: powers of 2 up to n, and n)")
-    e.add_argument(
-        "--selectors",
-        nargs="+",
-        default=None,
-        metavar="SELECTOR",
-        help="random, majority, oracle, argmax:SCORE, vote:SCORE with SCORE mean_logprob or reward "
-        "(default: all that apply)",
-    )
-    e.add_argument("--out", type=Path, required=True, help="output folder (resumed if it exists)")
-    e.add_argument(
-        "--reward",
-        default="auto",
-        metavar="auto|shipped|PATH|none",
-        help="reward head for argmax:reward and vote:reward (default auto: the shipped head "
-        "with the embedded model when it is installed, else none)",
-    )
-    e.add_argument("--no-diversity", action="store_true", help="skip the embedding metrics (no MiniLM load)")
-    e.add_argument("--no-plots", action="store_true", help="write results.json only")
-    e.add_argument("--temperature", type=float, default=0.7, help="default 0.7")
-    e.add_argument("--top-k", type=int, default=SamplingParams.top_k, help="default 50; 0 = off")
-    e.add_argument("--top-p", type=float, default=1.0, help="default 1.0 = off")
-    e.add_argument("--max-tokens", type=int, default=64, help="new tokens per candidate (default 64)")
-    e.add_argument("--seed", type=int, default=0, help="sampling, subset and bootstrap seed (default 0)")
-    e.add_argument("--prompts-per-call", type=int, default=4, help="problems per engine call (default 4)")
-    e.add_argument("--draws", type=int, default=32, help="random subsets per problem for each k < n (default 32)")
-    add_model_args(e)
-    add_ray_args(e)
-    return e
-
-
-def _cli_reward(value: str, model: str) -> tuple[GatedLinearHead | None, str | None]:
-    from esamp_agents.decoding.loading import EMBEDDED
-    from esamp_agents.hidden_reward.reward import shipped_head_path
-
-    if value == "auto":
-        if model != EMBEDDED:
-            return None, None
-        try:
-            shipped_head_path()
-        except FileNotFoundError:
-            print("eval: no reward head (the shipped head is not installed); reward selectors are off", file=sys.stderr)
-            return None, None
-        value = "shipped"
-    if value not in ("shipped", "none") and not Path(value).is_file():
-        raise ValueError(f"--reward={value!r} is not a file; allowed: auto, shipped, none, or a head checkpoint path")
-    try:
-        return resolve_reward_head(value)
-    except FileNotFoundError as exc:
-        raise ValueError(f"--reward={value!r}: {exc}") from exc
-
-
-def run_eval_command(args: argparse.Namespace, out: TextIO) -> int:
-    """``esamp-agents eval``: validate every argument, load the model, run, print the tables."""
-    from esamp_agents.decoding.engine import ESampEngine
-    from esamp_agents.decoding.loading import load_model
-    from esamp_agents.evaluation.tasks import load_problems
-
-    try:
-        problems = load_problems(args.task)
-    except FileNotFoundError as exc:
-        raise ValueError(f"--task={args.task!r}: {exc}") from exc
-    samplers = parse_samplers(args.samplers)
-    ks = check_ks(args.ks if args.ks is not None else default_ks(check_int("-n", args.n, 1)), args.n)
-    head, _ = _cli_reward(args.reward, args.model)
-    selectors = check_selectors(args.selectors or default_selectors(head is not None), head is not None)
-    for s in samplers:
-        s.sampling_params(
-            n=args.n,
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            max_tokens=args.max_tokens,
-            seed=args.seed,
-        )
-    for name in ("prompts_per_call", "draws"):
-        check_int(f"--{name.replace('_', '-')}", getattr(args, name), 1)
-    if args.out.exists() and not args.out.is_dir():
-        raise ValueError(f"--out={str(args.out)!r} exists and is not a folder")
-
-    ray_options = ray_options_from_args(args)
-    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
-    arguments = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if not callable(v)}
-    results = run_eval(
-        problems,
-        samplers,
-        n=args.n,
-        ks=ks,
-        selectors=selectors,
-        out_dir=args.out,
-        engine=ESampEngine(loaded),
-        reward_head=head,
-        diversity=not args.no_diversity,
-        plots=not args.no_plots,
-        seed=args.seed,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        max_tokens=args.max_tokens,
-        prompts_per_call=args.prompts_per_call,
-        draws=args.draws,
-        meta={"command": "eval", "arguments": arguments},
-        ray_options=ray_options,
-        model_load={"model": args.model, "dtype": args.dtype, "device": args.device} if ray_options else None,
-    )
-    print(format_summary(results), file=out)
-    if results["plots_skipped"] and not args.no_plots:
-        print(results["plots_skipped"], file=out)
-    files = [RESULTS, *results["plots"]]
-    print(f"\nwrote {', '.join(str(args.out / f) for f in files)}", file=out)
-    return 0
-
-
 __all__ = [
-    "SAMPLER_USAGE",
-    "Sampler",
-    "add_eval_command",
+    "GENERATIONS",
+    "SCORE_NAMES",
+    "SELECTOR_USAGE",
     "check_ks",
     "check_selectors",
     "default_ks",
     "default_selectors",
-    "format_summary",
-    "parse_sampler",
-    "parse_samplers",
     "resolve_reward_head",
     "reward_scores",
     "run_eval",
-    "run_eval_command",
-    "write_plots",
 ]
