@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import math
@@ -11,7 +12,9 @@ import sys
 import pytest
 
 from esamp_agents.cli import demo
-from esamp_agents.cli.app import _unescape, main, read_prompts_file
+from esamp_agents.cli.app import DEMO_FLAGS, GENERATE_FLAGS, _unescape, build_parser, main, read_prompts_file
+from esamp_agents.cli.flags import add_param_flag, flag_name, param_flag_values
+from esamp_agents.decoding.params import ESampParams, build_params, esamp_preset, lookup_param
 from esamp_agents.decoding.results import Candidate
 
 FAST = ["--max-tokens", "6", "--seed", "0"]
@@ -181,6 +184,54 @@ def test_python_dash_m_help():
     )
     assert proc.returncode == 0, proc.stderr
     assert "--prompts-file" in proc.stdout and "--beta" in proc.stdout
+
+
+# ---------------------------------------------------------------- flags come from the params table
+
+
+def _subcommand_actions(command: str) -> dict[str, argparse.Action]:
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return {a.dest: a for a in sub.choices[command]._actions}
+
+
+@pytest.mark.parametrize(("command", "flags"), [("generate", GENERATE_FLAGS), ("demo", DEMO_FLAGS)])
+def test_param_flags_take_name_type_and_doc_from_the_table(command, flags):
+    actions = _subcommand_actions(command)
+    for name, options in flags.items():
+        spec = lookup_param(name)
+        action = actions[spec.name]
+        assert action.option_strings == [flag_name(name)]
+        assert spec.doc.rstrip(".") in action.help
+        assert action.default == options.get("default", [] if name == "stop" else spec.default)
+    assert actions["temperature"].type is float and actions["seed"].type is int  # int | None -> int
+
+
+def test_generate_flag_spellings_and_kinds():
+    actions = _subcommand_actions("generate")
+    assert actions["top_k"].option_strings == ["--top-k"] and actions["top_k"].type is int
+    assert isinstance(actions["stop"], argparse._AppendAction) and actions["stop"].metavar == "STR"
+    assert flag_name("n") == "-n" and flag_name("max_new_tokens") == "--max-tokens"
+
+
+def test_generate_flags_build_the_engine_params():
+    args = build_parser().parse_args(["generate", "hi", "--preset", "paper", "--top-k", "5", "--stop", "x", "-n", "2"])
+    values = param_flag_values(args, GENERATE_FLAGS)
+    assert "beta" not in values and "seed" not in values  # left unset: the preset's / unseeded
+    sampling, esamp = build_params(values, esamp=esamp_preset(args.preset))
+    assert (sampling.n, sampling.top_k, sampling.stop, sampling.max_new_tokens) == (2, 5, ("x",), 128)
+    assert esamp == ESampParams.paper()
+
+
+def test_add_param_flag_handles_bools_repeats_and_unknown_names():
+    parser = argparse.ArgumentParser()
+    for name in ("ignore_eos", "shared_distiller", "distiller_lr", "stop"):
+        add_param_flag(parser, name)
+    args = parser.parse_args(["--ignore-eos", "--distiller-lr", "0.001", "--stop", "a", "--stop", "b"])
+    assert (args.ignore_eos, args.shared_distiller, args.distiller_lr, args.stop) == (True, False, 0.001, ["a", "b"])
+    sampling, esamp = build_params(param_flag_values(args, ["ignore_eos", "shared_distiller", "distiller_lr", "stop"]))
+    assert sampling.ignore_eos and sampling.stop == ("a", "b") and esamp.lr == 0.001
+    with pytest.raises(ValueError, match=r"unknown parameter 'temp'; allowed: .*temperature"):
+        add_param_flag(parser, "temp")
 
 
 # ---------------------------------------------------------------- demo

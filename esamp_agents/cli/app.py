@@ -21,15 +21,39 @@ from typing import Any, TextIO
 
 from esamp_agents.cli.demo import DEMO_BETA
 from esamp_agents.cli.eval import add_eval_command, run_eval_command
+from esamp_agents.cli.flags import add_param_flag, param_flag_values
 from esamp_agents.cli.reward import COMMANDS as REWARD_COMMANDS
 from esamp_agents.cli.reward import add_reward_commands
 from esamp_agents.cli.serve import add_serve_command, run_serve
 from esamp_agents.decoding.loading import EMBEDDED, LoadedModel, ModelLoadError, load_model
-from esamp_agents.decoding.params import ESAMP_PRESETS, ESampParams, SamplingParams, esamp_preset
+from esamp_agents.decoding.params import ESAMP_PRESETS, ESampParams, SamplingParams, build_params, esamp_preset
 from esamp_agents.decoding.results import Candidate, GenerationResult
 
 PROG = "esamp-agents"
 DEFAULT_MAX_TOKENS = 128
+DEFAULT_N = 8
+GENERATE_FLAGS: dict[str, dict[str, Any]] = {
+    "n": {"default": DEFAULT_N},
+    "beta": {"default": None, "default_text": "default: the preset's"},
+    "warm_start_steps": {"default": None, "default_text": "default: the preset's"},
+    "temperature": {},
+    "top_k": {},
+    "top_p": {},
+    "min_p": {},
+    "max_tokens": {"default": DEFAULT_MAX_TOKENS},
+    "seed": {"note": "batch b uses seed+b"},
+    "stop": {"default_text": "may repeat", "note": "\\n and \\t are read as newline and tab", "metavar": "STR"},
+}
+"""The parameters ``generate`` has flags for, with this command's own defaults; the type, the
+table default and the help come from :data:`esamp_agents.decoding.params.PARAMS`."""
+DEMO_FLAGS: dict[str, dict[str, Any]] = {
+    "n": {"default": DEFAULT_N, "note": "per question"},
+    "beta": {"default": DEMO_BETA, "note": "0.25, the paper's, hurt arithmetic at this model size"},
+    "temperature": {},
+    "max_tokens": {"default": 64},
+    "seed": {"default": 0, "note": "seeds the questions too"},
+}
+"""The parameters ``demo`` has flags for, with its own defaults."""
 DEFAULT_BATCH_SIZE = 8
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -75,7 +99,6 @@ def build_parser() -> argparse.ArgumentParser:
         description="Sample N candidates per prompt with Exploratory Sampling (--beta 0 = plain sampling).",
     )
     g.add_argument("prompt", nargs="?", help="the prompt (or use --prompts-file)")
-    g.add_argument("-n", type=int, default=8, help="candidates per prompt (default 8)")
     g.add_argument(
         "--preset",
         choices=ESAMP_PRESETS,
@@ -83,31 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"ESamp settings: default (beta {ESampParams.beta}, warm start {ESampParams.warm_start_steps} steps) "
         "or paper (beta 0.25, no warm start); --beta/--warm-start-steps override it",
     )
-    g.add_argument("--beta", type=float, default=None, help="ESamp strength, 0 = off (default: the preset's)")
-    g.add_argument(
-        "--warm-start-steps",
-        type=int,
-        default=None,
-        help="fit each prompt's Distiller on its prefill states first (0 = the paper's recipe; default: the preset's)",
-    )
-    g.add_argument("--temperature", type=float, default=SamplingParams.temperature, help="default 0.7; 0 = greedy")
-    g.add_argument("--top-k", type=int, default=SamplingParams.top_k, help="default 50; 0 = off")
-    g.add_argument("--top-p", type=float, default=SamplingParams.top_p, help="default 1.0 = off")
-    g.add_argument("--min-p", type=float, default=SamplingParams.min_p, help="default 0.0 = off")
-    g.add_argument(
-        "--max-tokens",
-        type=int,
-        default=DEFAULT_MAX_TOKENS,
-        help=f"new tokens per candidate (default {DEFAULT_MAX_TOKENS})",
-    )
-    g.add_argument("--seed", type=int, default=None, help="random seed (batch b uses seed+b)")
-    g.add_argument(
-        "--stop",
-        action="append",
-        default=[],
-        metavar="STR",
-        help="stop string, may repeat; \\n and \\t are read as newline and tab",
-    )
+    for name, options in GENERATE_FLAGS.items():
+        add_param_flag(g, name, **options)
     _add_model_args(g)
     g.add_argument("--no-chat", action="store_true", help="send the prompt as raw text, without the chat template")
     g.add_argument(
@@ -132,16 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
         "in one engine call, and pick an answer per question.",
     )
     d.add_argument("--questions", type=int, default=4, help="number of questions (default 4)")
-    d.add_argument("-n", type=int, default=8, help="candidates per question (default 8)")
-    d.add_argument(
-        "--beta",
-        type=float,
-        default=DEMO_BETA,
-        help=f"ESamp strength, 0 = off (default {DEMO_BETA}: the paper's 0.25 hurt arithmetic at this model size)",
-    )
-    d.add_argument("--temperature", type=float, default=SamplingParams.temperature, help="default 0.7")
-    d.add_argument("--max-tokens", type=int, default=64, help="new tokens per candidate (default 64)")
-    d.add_argument("--seed", type=int, default=0, help="seed for the questions and the sampling (default 0)")
+    for name, options in DEMO_FLAGS.items():
+        add_param_flag(d, name, **options)
     d.add_argument(
         "--chooser",
         default="reward-vote",
@@ -238,17 +230,9 @@ def _print_candidates(out: TextIO, number: int, total: int, prompt: str, cands: 
 def run_generate(args: argparse.Namespace, out: TextIO) -> int:
     prompts = _collect_prompts(args)
     _check_positive("--batch-size", args.batch_size)
-    sampling = SamplingParams(
-        n=args.n,
-        max_new_tokens=args.max_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        min_p=args.min_p,
-        stop=tuple(_unescape(s) for s in args.stop),
-        seed=args.seed,
-    )
-    esamp = esamp_preset(args.preset, beta=args.beta, warm_start_steps=args.warm_start_steps)
+    values = param_flag_values(args, GENERATE_FLAGS)  # None: the preset's (beta, warm start) or unseeded
+    values["stop"] = tuple(_unescape(s) for s in args.stop)
+    sampling, esamp = build_params(values, esamp=esamp_preset(args.preset))
 
     from tqdm.auto import tqdm
 

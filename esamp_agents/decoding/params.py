@@ -44,7 +44,7 @@ class SamplingParams:
     top_p: float = _param(1.0, "Nucleus sampling: keep the smallest set of tokens holding this mass; 1 = off.")
     min_p: float = _param(0.0, "Drop tokens less likely than min_p x the top token's probability; 0 = off.")
     stop: tuple[str, ...] = _param((), "Stop strings: a candidate ends before the first one it produces.")
-    seed: int | None = _param(None, "Random seed for reproducible candidates; None = unseeded.")
+    seed: int | None = _param(None, "Random seed for reproducible candidates; unset = unseeded.")
     top_logprobs: int = _param(0, f"Alternatives per token to report with the logprobs (0 to {MAX_TOP_LOGPROBS}).")
     ignore_eos: bool = _param(
         False, "Keep sampling past end-of-turn tokens, so every candidate gets the full token budget."
