@@ -8,6 +8,8 @@ import gzip
 import json
 import math
 import socket
+import subprocess
+import sys
 import threading
 import time
 import warnings
@@ -20,19 +22,14 @@ import torch
 from langchain_core.messages import AIMessage, HumanMessage
 from langchain_core.outputs import ChatGeneration, ChatResult, Generation, LLMResult
 
-from esamp_agents.adapters import openai_logprobs as logprob_reward
-from esamp_agents.adapters.openai_logprobs import (
-    LogprobReward,
+from esamp_agents.adapters import encodings
+from esamp_agents.adapters.encodings import count_message_tokens, count_tokens, encoding_name_for, openai_encoding
+from esamp_agents.adapters.logprob_reward import LogprobReward, local_features, read_candidates
+from esamp_agents.adapters.sampling import (
     LogprobsUnsupportedError,
     SampleResult,
     SamplingError,
     asample_with_logprobs,
-    count_message_tokens,
-    count_tokens,
-    encoding_name_for,
-    local_features,
-    openai_encoding,
-    read_candidates,
     sample_with_logprobs,
 )
 from esamp_agents.hidden_reward.head import FeatureSpec, GatedLinearHead, IncompatibleHeadError, save_head
@@ -122,11 +119,25 @@ def test_encoding_choice(model, encoding):
 def test_corrupt_rank_file_is_refused(tmp_path, monkeypatch):
     bad = tmp_path / "cl100k_base.tiktoken.gz"
     bad.write_bytes(gzip.compress(b"YQ== 0\n"))
-    monkeypatch.setattr(logprob_reward, "rank_file", lambda name: bad)
+    monkeypatch.setattr(encodings, "rank_file", lambda name: bad)
     with pytest.raises(ValueError, match="SHA-256"):
-        logprob_reward._load_ranks("cl100k_base")
+        encodings._load_ranks("cl100k_base")
     with pytest.raises(ValueError, match="allowed: cl100k_base, o200k_base"):
-        logprob_reward.get_encoding("p50k_base")
+        encodings.get_encoding("p50k_base")
+
+
+def test_package_exports_every_public_name_and_sampling_needs_no_torch():
+    import esamp_agents.adapters as adapters
+
+    for name in adapters.__all__:
+        assert getattr(adapters, name) is not None
+    code = (
+        "import sys\n"
+        "from esamp_agents.adapters import count_tokens, sample_with_logprobs\n"
+        "assert count_tokens('hello world') == 2\n"
+        "assert 'torch' not in sys.modules, 'token counting and sampling must not import torch'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
 # --------------------------------------------------------------------------- reading and policy
