@@ -6,6 +6,7 @@ import gzip
 import json
 import os
 import subprocess
+import sys
 import textwrap
 import time
 from pathlib import Path
@@ -333,7 +334,15 @@ def test_chain_docstring_example_runs():
 
 def test_module_never_executes_candidate_code_in_process():
     source = Path(code_generation.__file__).read_text()
-    harness_end = source.index("@dataclass(frozen=True)\nclass AssertResult")
-    outside_harness = source[harness_end:]
-    assert "exec(" not in outside_harness and "eval(" not in outside_harness
+    assert "exec(" not in source and "eval(" not in source  # only the harness, in the child, runs code
+    harness = Path(code_generation.__file__).with_name(code_generation.HARNESS_FILE)
+    assert code_generation._harness_source() == harness.read_text(encoding="utf-8")
+    assert "exec(program_code, namespace)" in harness.read_text(encoding="utf-8")
     assert os.name == "posix"
+
+
+def test_importing_the_harness_runs_nothing():
+    # Run as `python -I -c SOURCE` its __name__ is "__main__"; imported, it must not run main() (which os._exit()s).
+    code = "import esamp_agents.recipes.sandbox_harness as h; print('imported', callable(h.main))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert done.stdout.strip() == "imported True"
