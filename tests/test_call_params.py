@@ -229,3 +229,26 @@ def test_shared_distiller_trains_one_distiller_for_all_prompts(embedded):
     assert len(shared) == 2 and shared[0] == shared[1]  # one Distiller: every prompt reports its curve
     field = ESampLLM(loaded_model=embedded, max_tokens=6, seed=0, n=2, shared_distiller=True)
     assert field.generate(prompts).llm_output["distiller_loss"] == shared
+
+
+# -- the server's extra body fields follow the table -------------------------------------------
+
+
+def test_server_accepts_every_esamp_spelling_of_the_table():
+    from esamp_agents.serving.protocol import (
+        ESAMP_BODY_FIELDS,
+        ParsedRequest,
+        RequestError,
+        ServeDefaults,
+        parse_request,
+    )
+
+    assert set(ESAMP_BODY_FIELDS) == {key for spec in param_specs("esamp") for key in spec.spellings}
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    esamp_values = {name: OVERRIDES[name] for name in param_names("esamp")}
+    request = parse_request({**body, **esamp_values}, "chat", ServeDefaults(), 1000)
+    assert isinstance(request, ParsedRequest)
+    assert request.esamp == build_params(esamp_values)[1]
+    assert parse_request({**body, "lr": 2e-3}, "chat", ServeDefaults(), 1000).esamp.lr == 2e-3
+    with pytest.raises(RequestError, match=r"shared_distiller='yes' must be True or False"):
+        parse_request({**body, "shared_distiller": "yes"}, "chat", ServeDefaults(), 1000)

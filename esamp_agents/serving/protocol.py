@@ -21,24 +21,16 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from esamp_agents.decoding.params import MAX_TOP_LOGPROBS, ESampParams, SamplingParams
+from esamp_agents.decoding.params import MAX_TOP_LOGPROBS, ESampParams, SamplingParams, param_keys
 
 DEFAULT_MAX_TOKENS = 256
 MAX_N = 128
 """OpenAI's limit on ``n``."""
 MAX_STOP = 4
 
-ESAMP_BODY_FIELDS: dict[str, str] = {
-    "beta": "beta",
-    "distiller_width": "distiller_width",
-    "distiller_lr": "lr",
-    "lr": "lr",
-    "adam_eps": "adam_eps",
-    "grad_clip": "grad_clip",
-    "warm_start_steps": "warm_start_steps",
-    "warm_start_lr": "warm_start_lr",
-}
-"""Extra request body fields for ESamp (``extra_body`` in the ``openai`` client) -> the :class:`ESampParams` field."""
+ESAMP_BODY_FIELDS: dict[str, str] = param_keys("esamp")
+"""Extra request body fields for ESamp (``extra_body`` in the ``openai`` client) -> the :class:`ESampParams` field:
+every spelling in the params table (``beta``, ``distiller_lr``/``lr``, ``shared_distiller``...)."""
 _IGNORED = frozenset(
     {"user", "store", "metadata", "service_tier", "parallel_tool_calls", "prompt_cache_key", "safety_identifier"}
 )
