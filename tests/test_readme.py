@@ -30,10 +30,12 @@ test must do differently; the directives are documented in ``tests/readme_blocks
   the URL answers, and is stopped when this module's tests end.
 
 Also checked without the model: every task spec the README shows (``--task X``,
-``load_problems("X")``) exists, and every module path it names imports.
+``load_problems("X")``) exists, every module path it names imports, and every flag of every
+``esamp-agents`` line (the command-line synopsis and the ``generate`` options table too)
+exists on that command.
 
-Runtime: about 2 minutes on 2 CPU cores (most of it the server subprocess's model load and
-the decodes); run it alone with ``python -m pytest -q tests/test_readme.py``.
+Runtime: about 75 s on 2 CPU cores (the first model load ~20 s, the server subprocess ~20 s,
+the rest decodes); run it alone with ``python -m pytest -q tests/test_readme.py``.
 """
 
 from __future__ import annotations
@@ -328,6 +330,51 @@ def test_every_module_path_in_the_readme_imports(ref: str) -> None:
     else:
         candidates = [ref]
     assert any(_resolves(c) for c in candidates), f"none of {candidates} imports"
+
+
+def _options(command: str) -> set[str]:
+    import argparse
+
+    from esamp_agents.cli.app import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert command in sub.choices, f"esamp-agents has no command {command!r}; it has {sorted(sub.choices)}"
+    return {o for action in sub.choices[command]._actions for o in action.option_strings}
+
+
+def _flag_uses() -> list[tuple[str, str, str]]:
+    """(where, command, flags) for every ``esamp-agents CMD ...`` line of any block (the synopsis
+    block included, whose [optional] parts cannot run) and for the ``generate`` options table."""
+    uses = []
+    for doc in DOCS:
+        text = doc.read_text(encoding="utf-8")
+        for block in parse_blocks(text, doc.name):
+            for command in shell_commands(block.code):
+                words = command.split()
+                if len(words) > 1 and words[0] == "esamp-agents" and not words[1].startswith("-"):
+                    uses.append((block.id, words[1], command))
+        table = text.split("`generate` options:", 1)
+        if len(table) == 2:
+            rows = [r for r in table[1].strip().split("\n\n", 1)[0].splitlines() if r.startswith("| `")]
+            uses.append((f"{doc.name}: generate options table", "generate", " ".join(r.split("|")[1] for r in rows)))
+    return uses
+
+
+FLAG_USES = _flag_uses()
+
+
+@pytest.mark.parametrize(("where", "command", "text"), FLAG_USES, ids=[f"{w}:{c}" for w, c, _ in FLAG_USES])
+def test_every_flag_the_readme_shows_exists(where: str, command: str, text: str) -> None:
+    flags = set(re.findall(r"(?<![\w-])(--[a-z][a-z-]*|-[a-z])\b", text))
+    unknown = flags - _options(command)
+    assert not unknown, f"{where}: esamp-agents {command} has no {sorted(unknown)}"
+
+
+def test_the_flag_check_sees_the_synopsis_and_the_table() -> None:
+    uses = FLAG_USES
+    assert {c for _, c, _ in uses} >= {"generate", "demo", "collect", "train-reward", "score", "serve", "eval"}
+    table = next(t for w, _, t in uses if "options table" in w)
+    assert "--warm-start-steps" in table and "--prompts-file" in table
 
 
 # --------------------------------------------------------------------------- the parser itself
