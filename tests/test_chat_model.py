@@ -10,10 +10,11 @@ import pytest
 from langchain_core.caches import InMemoryCache
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.globals import get_llm_cache, set_llm_cache
-from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, SystemMessage
+from langchain_core.messages import AIMessage, AIMessageChunk, ChatMessage, HumanMessage, SystemMessage
 
 from esamp_agents.decoding.engine import ESampEngine
-from esamp_agents.langchain.chat_model import ChatESamp, message_to_dict
+from esamp_agents.langchain.chat_model import ChatESamp
+from esamp_agents.selection.rewards import RewardError
 
 pytestmark = pytest.mark.model
 
@@ -210,10 +211,115 @@ def test_bad_messages_fail_before_decoding(chat, no_decoding):
         chat.invoke(HELLO, colour="red")
 
 
-def test_message_conversion():
-    assert message_to_dict(HumanMessage("hi", name="someone")) == {"role": "user", "content": "hi"}
+def test_render_prompt_reads_roles_like_the_shared_converter(chat, embedded):
     blocks = AIMessage(content=[{"type": "reasoning", "reasoning": "hmm"}, {"type": "text", "text": "ok"}])
-    assert message_to_dict(blocks) == {"role": "assistant", "content": "ok"}
+    developer = ChatMessage(role="developer", content="Be brief.")
+    expected = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "ok"},
+    ]
+    rendered = chat.render_prompt([developer, HumanMessage("hi", name="someone"), blocks])
+    assert rendered == embedded.apply_chat_template(expected)
+    with pytest.raises(ValueError, match="role 'critic' is not supported"):
+        chat.render_prompt([ChatMessage(role="critic", content="x")])
+
+
+def test_per_call_n_with_streaming_is_refused_like_the_constructor(embedded, no_decoding):
+    message = "n=4 with streaming=True; allowed: n=1 when streaming"
+    with pytest.raises(ValueError, match=message):
+        ChatESamp(loaded_model=embedded, streaming=True, n=4)
+    streaming = ChatESamp(loaded_model=embedded, streaming=True)
+    recorder = Recorder()
+    with pytest.raises(ValueError, match=message):
+        streaming.invoke(HELLO, n=4, config={"callbacks": [recorder]})
+    with pytest.raises(ValueError, match=message):
+        streaming.generate([[HumanMessage(HELLO)]], n=4)
+    with pytest.raises(ValueError, match=message):
+        asyncio.run(streaming.ainvoke(HELLO, n=4))
+    with pytest.raises(ValueError, match=message):
+        ChatESamp(loaded_model=embedded).invoke(HELLO, n=4, stream=True)
+    assert recorder.starts == 0  # refused before the run began
+
+
+class Recorder(BaseCallbackHandler):
+    def __init__(self) -> None:
+        self.starts = 0
+
+    def on_chat_model_start(self, *args: Any, **kwargs: Any) -> None:
+        self.starts += 1
+
+
+class LengthObserverReward:
+    """A decode-time reward: each candidate's number of live decode steps."""
+
+    layers = (-1,)
+
+    def __init__(self, name: str = "steps", fail: str | None = None) -> None:
+        self.name, self.fail = name, fail
+
+    def make_observer(self, loaded: Any) -> Any:
+        if self.fail == "make":
+            raise RuntimeError("no observer today")
+        return self
+
+    def on_start(self, num_prompts: int, samples_per_prompt: int, hidden_size: int) -> None:
+        self.counts = [0.0] * (num_prompts * samples_per_prompt)
+        self.n = samples_per_prompt
+
+    def on_step(self, step: int, hidden: Any, token_ids: Any, live: Any) -> None:
+        for i, alive in enumerate(live.tolist()):
+            self.counts[i] += float(alive)
+
+    def on_finish(self) -> None:
+        pass
+
+    def rewards(self) -> list[list[float]]:
+        if self.fail == "rows":
+            return [[1.0]]
+        return [self.counts[p : p + self.n] for p in range(0, len(self.counts), self.n)]
+
+
+def test_per_call_rewards_land_in_each_reply(chat):
+    recorder = Recorder()
+    result = chat.generate([[HumanMessage(HELLO)]], n=3, rewards=[LengthObserverReward()], callbacks=[recorder])
+    for g in result.generations[0]:
+        meta = g.message.response_metadata
+        # every live step is one token, plus the step whose token ended the reply (not counted in the text)
+        assert meta["rewards"]["steps"] == float(meta["completion_tokens"] + (meta["finish_reason"] == "stop"))
+        assert "reward_errors" not in meta
+    streamed = list(chat.stream(HELLO, rewards=[LengthObserverReward()]))
+    assert streamed[-1].response_metadata["rewards"]["steps"] >= 1
+    assert "rewards" not in chat.invoke(HELLO).response_metadata
+
+
+def test_per_call_reward_failures_raise_or_are_recorded(chat, no_decoding):
+    with pytest.raises(RewardError, match="reward 'steps' failed: RuntimeError: no observer today"):
+        chat.invoke(HELLO, rewards=[LengthObserverReward(fail="make")])
+    with pytest.raises(ValueError, match=r"rewards=.* is not a sequence"):
+        chat.invoke(HELLO, rewards=LengthObserverReward())
+    with pytest.raises(ValueError, match=r"rewards\[0\] \('x'\) has no make_observer"):
+        chat.invoke(HELLO, rewards=[type("Posthoc", (), {"name": "x", "score": lambda *a: []})()])
+    with pytest.raises(ValueError, match="reward name 'steps' appears twice"):
+        chat.invoke(HELLO, rewards=[LengthObserverReward(), LengthObserverReward()])
+    with pytest.raises(ValueError, match="on_reward_error='ignore' is unknown; allowed: 'raise', 'skip'"):
+        chat.invoke(HELLO, rewards=[LengthObserverReward()], on_reward_error="ignore")
+    cached = ChatESamp(loaded_model=chat.loaded_model, cache=InMemoryCache())
+    with pytest.raises(ValueError, match=r"rewards with cache=.*allowed: cache=False when passing rewards"):
+        cached.invoke(HELLO, rewards=[LengthObserverReward()])
+
+
+def test_per_call_reward_failures_can_be_skipped(chat):
+    rewards = [LengthObserverReward("rows", fail="rows"), LengthObserverReward("make", fail="make")]
+    reply = chat.generate([[HumanMessage(HELLO)]], n=2, rewards=rewards, on_reward_error="skip").generations[0][0]
+    meta = reply.message.response_metadata
+    assert meta["rewards"] == {}
+    assert meta["reward_errors"] == {
+        "rows": "reward 'rows' returned 1 scores for 2 candidates",
+        "make": "reward 'make' failed: RuntimeError: no observer today",
+    }
+    with pytest.raises(RewardError, match="reward 'rows' returned 1 scores for 2 candidates"):
+        chat.generate([[HumanMessage(HELLO)]], n=2, rewards=rewards[:1])
 
 
 def test_logprobs_in_openai_shape(chat):

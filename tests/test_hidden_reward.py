@@ -83,3 +83,58 @@ def test_shipped_head_fits_the_embedded_model(embedded):
     assert summary.get("n_train_problems", 0) >= 100
     scores = reward.score_texts("What is 6 + 3?", ["6 + 3 = 9. Answer: 9", "Answer: 9"])
     assert all(isinstance(s, float) for s in scores)
+
+
+# --------------------------------------------------------------------------- through the LangChain models
+
+
+def _replay(engine, prompt, add_special_tokens):
+    """The same decode the model ran (same seed and params; observers never change sampling)."""
+    sampling = SamplingParams(n=3, max_new_tokens=12, temperature=0.8, seed=3)
+    return engine.generate([prompt], sampling, ESampParams(), add_special_tokens=add_special_tokens)[0].candidates
+
+
+def test_chat_model_rewards_in_metadata_equal_post_hoc_scores(engine, embedded):
+    from langchain_core.messages import HumanMessage
+
+    from esamp_agents.langchain.chat_model import ChatESamp
+
+    reward = HiddenStateReward.shipped(embedded)
+    chat = ChatESamp(loaded_model=embedded, n=3, max_tokens=12, temperature=0.8, seed=3)
+    messages = [HumanMessage(QUESTION)]
+    generations = chat.generate([messages], rewards=[reward]).generations[0]
+    scores = [g.message.response_metadata["rewards"]["elhsr"] for g in generations]
+    rendered = chat.render_prompt(messages)
+    replayed = _replay(engine, rendered, add_special_tokens=False)
+    assert [c.text for c in replayed] == [g.text for g in generations]
+    prompt_ids = embedded.tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    post_hoc = reward.score_tokens([prompt_ids] * 3, [c.token_ids for c in replayed])
+    assert max(abs(a - b) for a, b in zip(scores, post_hoc, strict=True)) <= 1e-4
+    assert len(set(scores)) > 1  # real, distinct scores, not a constant
+
+
+def test_llm_rewards_in_metadata_equal_post_hoc_scores(engine, embedded):
+    from esamp_agents.langchain.llm import ESampLLM
+
+    reward = HiddenStateReward.shipped(embedded)
+    llm = ESampLLM(loaded_model=embedded, n=3, max_tokens=12, temperature=0.8, seed=3)
+    prompt = "Question: What is 3 + 4?\nAnswer:"
+    generations = llm.generate([prompt], rewards=[reward]).generations[0]
+    scores = [g.generation_info["rewards"]["elhsr"] for g in generations]
+    replayed = _replay(engine, prompt, add_special_tokens=True)
+    assert [c.text for c in replayed] == [g.text for g in generations]
+    prompt_ids = engine.tokenize(prompt, add_special_tokens=True)
+    post_hoc = reward.score_tokens([prompt_ids] * 3, [c.token_ids for c in replayed])
+    assert max(abs(a - b) for a, b in zip(scores, post_hoc, strict=True)) <= 1e-4
+
+
+def test_best_of_n_reads_the_models_public_reward_scores(embedded):
+    from esamp_agents.langchain.chat_model import ChatESamp
+    from esamp_agents.selection.best_of_n import BestOfN
+
+    reward = HiddenStateReward.shipped(embedded)
+    chat = ChatESamp(loaded_model=embedded, max_tokens=12, temperature=0.8, seed=3)
+    result = BestOfN(chat, n=3, reward=reward, include_candidates=True).invoke(QUESTION)
+    for c in result.candidates:
+        assert c.scores["elhsr"] == c.generation_info["rewards"]["elhsr"]
+    assert result.output.response_metadata["rewards"]["elhsr"] == max(c.scores["elhsr"] for c in result.candidates)

@@ -15,11 +15,15 @@ from esamp_agents.selection.rewards import (
     CallableReward,
     LLMJudgeReward,
     Reward,
+    RewardError,
     ScoredCandidate,
     SequenceClassifierReward,
-    input_chat,
+    as_prompt_value,
+    ascore_candidates,
+    check_scores,
     input_text,
     parse_judge_score,
+    score_candidates,
 )
 
 
@@ -65,10 +69,65 @@ def test_input_helpers():
     assert input_text("plain") == "plain"
     assert input_text([HumanMessage("hi")]) == "hi"
     assert input_text([SystemMessage("be brief"), HumanMessage("hi")]) == "System: be brief\nHuman: hi"
-    assert input_chat([("system", "s"), ("human", "u")]) == [
-        {"role": "system", "content": "s"},
-        {"role": "user", "content": "u"},
-    ]
+    assert as_prompt_value("plain").to_string() == "plain"
+    assert as_prompt_value([("human", "hi")]).to_messages() == [HumanMessage("hi")]
+    with pytest.raises(ValueError, match="input of type int is not a model input"):
+        as_prompt_value(3)
+
+
+# --------------------------------------------------------------------------- calling rewards
+
+
+def test_check_scores_names_the_reward():
+    assert check_scores("r", (1, 2.5, True), 3) == [1.0, 2.5, 1.0]
+    with pytest.raises(RewardError, match="reward 'r' returned 2 scores for 3 candidates"):
+        check_scores("r", [1, 2], 3)
+    with pytest.raises(RewardError, match="reward 'r' returned str; allowed: a list of 1 floats"):
+        check_scores("r", "1", 1)
+    with pytest.raises(RewardError, match=r"reward 'r' returned 'x'; allowed: real numbers"):
+        check_scores("r", ["x"], 1)
+
+
+class ConfigReward:
+    name = "cfg"
+
+    def __init__(self) -> None:
+        self.configs: list[Any] = []
+
+    def score(self, input: Any, candidates: Any, config: Any = None) -> list[float]:
+        self.configs.append(config)
+        return [float(len(c.text)) for c in candidates]
+
+    async def ascore(self, input: Any, candidates: Any) -> list[float]:
+        return [-float(len(c.text)) for c in candidates]
+
+
+class Raising:
+    name = "boom"
+
+    def score(self, input: Any, candidates: Any) -> list[float]:
+        raise KeyError("gone")
+
+
+def test_score_candidates_passes_config_and_wraps_failures():
+    reward = ConfigReward()
+    config = {"tags": ["t"]}
+    assert score_candidates(reward, "q", cands("a", "bbb"), config) == [1.0, 3.0]
+    assert reward.configs == [config]
+    assert score_candidates(reward, "q", cands("a")) == [1.0] and reward.configs[-1] is None
+    with pytest.raises(RewardError, match="reward 'boom' failed: KeyError: 'gone'") as info:
+        score_candidates(Raising(), "q", cands("a"))
+    assert isinstance(info.value.__cause__, KeyError)
+    wrong = CallableReward(lambda q, t: 1.0, name="one")
+    assert score_candidates(wrong, "q", cands("a", "b")) == [1.0, 1.0]
+
+
+def test_ascore_candidates_prefers_ascore_and_falls_back_to_a_thread():
+    import asyncio
+
+    assert asyncio.run(ascore_candidates(ConfigReward(), "q", cands("ab"))) == [-2.0]
+    with pytest.raises(RewardError, match="reward 'boom' failed: KeyError"):
+        asyncio.run(ascore_candidates(Raising(), "q", cands("a")))
 
 
 # --------------------------------------------------------------------------- judge

@@ -3,8 +3,10 @@
 Two ways to score, giving the same numbers (up to float noise):
 
 - while decoding: :meth:`HiddenStateReward.make_observer` returns a decode observer that the
-  ESamp engine (or ``ChatESamp`` / ``ESampLLM`` with ``observers=[...]``) feeds, so the
-  reward costs no extra forward pass: the hidden states come free with generation;
+  ESamp engine feeds, so the reward costs no extra forward pass: the hidden states come free
+  with generation. ``ChatESamp`` / ``ESampLLM`` take the reward itself per call,
+  ``generate(..., rewards=[reward])``, and put each candidate's score in its metadata
+  (``response_metadata["rewards"]["elhsr"]``);
 - post hoc: :meth:`score` / :meth:`score_texts` run one batched forward of the policy model
   over (prompt, response) pairs, e.g. for candidates written by another system.
 
@@ -22,6 +24,7 @@ from typing import Any
 from esamp_agents.decoding.loading import EMBEDDED, LoadedModel, load_model
 from esamp_agents.hidden_reward.features import RewardObserver, posthoc_rewards
 from esamp_agents.hidden_reward.head import GatedLinearHead, check_compatible, load_head
+from esamp_agents.messages import to_chat_messages
 
 SHIPPED_HEAD_FILE = "smollm2-135m-instruct-elhsr.safetensors"
 """The head shipped for the embedded model (package data, trained by ``benchmarks/reward_bon.py``)."""
@@ -36,22 +39,16 @@ def shipped_head_path() -> Path:
 
 
 def _prompt_messages(value: Any) -> list[dict[str, str]]:
-    """A Best-of-N input (str, messages, PromptValue, dict with 'messages'/'input') -> chat messages."""
-    from langchain_core.messages import convert_to_messages
-    from langchain_core.prompt_values import PromptValue
-
-    from esamp_agents.langchain.chat_model import message_to_dict
-
-    if isinstance(value, str):
-        return [{"role": "user", "content": value}]
-    if isinstance(value, PromptValue):
-        return [message_to_dict(m) for m in value.to_messages()]
-    if isinstance(value, dict):
+    """A Best-of-N input -> chat messages (:func:`esamp_agents.messages.to_chat_messages`); a
+    dict holding the prompt under 'messages', 'input' or 'question' (not a message) is unwrapped."""
+    if isinstance(value, dict) and "role" not in value:
         for key in ("messages", "input", "question"):
             if key in value:
                 return _prompt_messages(value[key])
-        raise ValueError(f"cannot find the prompt in a dict input with keys {sorted(value)}; use 'messages' or 'input'")
-    return [message_to_dict(m) for m in convert_to_messages(value)]
+        raise ValueError(
+            f"cannot find the prompt in a dict input with keys {sorted(value)}; use 'messages', 'input' or 'role'"
+        )
+    return to_chat_messages(value)
 
 
 def _candidate_text(candidate: Any) -> tuple[str, bool]:

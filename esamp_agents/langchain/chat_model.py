@@ -7,7 +7,7 @@ from typing import Any
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, LangSmithParams
-from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, ChatMessage
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.runnables.config import run_in_executor
@@ -22,39 +22,11 @@ from esamp_agents.langchain.common import (
     iterate_in_thread,
     split_observers,
 )
+from esamp_agents.langchain.decode_rewards import CALL_EXTRA_KEYS, CallExtras, DecodeRewards
+from esamp_agents.messages import to_chat_messages
 from esamp_agents.openai_format import prompt_usage, renderer_for
 
-_ROLES = {"human": "user", "ai": "assistant", "system": "system", "tool": "tool", "function": "tool"}
-_SKIPPED_BLOCKS = frozenset({"reasoning", "thinking", "tool_call", "tool_use", "tool_call_chunk"})
 _HAS_CHUNK_POSITION = "chunk_position" in AIMessageChunk.model_fields
-
-
-def message_to_dict(message: BaseMessage) -> dict[str, str]:
-    """A LangChain message -> ``{"role", "content"}`` for the tokenizer's chat template.
-
-    Only text reaches a text model: reasoning and tool-call blocks are dropped, any other
-    non-text block (images, audio...) is refused rather than silently ignored.
-    """
-    if isinstance(message, ChatMessage):
-        role = "system" if message.role == "developer" else message.role
-    else:
-        role = _ROLES.get(message.type, "")
-        if not role:
-            raise ValueError(f"message type {message.type!r} is not supported; allowed: {', '.join(sorted(_ROLES))}")
-    content = message.content
-    if isinstance(content, str):
-        return {"role": role, "content": content}
-    parts: list[str] = []
-    for block in content:
-        if isinstance(block, str):
-            parts.append(block)
-            continue
-        kind = block.get("type")
-        if kind == "text":
-            parts.append(str(block.get("text", "")))
-        elif kind not in _SKIPPED_BLOCKS:
-            raise ValueError(f"content block type {kind!r} is not supported by a text-only model; allowed: text")
-    return {"role": role, "content": "".join(parts)}
 
 
 def _usage_metadata(usage: dict[str, int]) -> UsageMetadata:
@@ -82,8 +54,13 @@ class ChatESamp(ESampLangChainMixin, BaseChatModel):
     would replay the very same N samples, defeating diverse sampling. Pass ``cache=True``
     (or a cache object) to opt in.
 
-    A per-call ``observers=[DecodeObserver, ...]`` (``generate``/``invoke``/``stream``) reads
-    hidden states during that call's decode (requires caching off, the default); it is not
+    Decode-time rewards: a per-call ``rewards=[reward, ...]`` (objects with ``name`` and
+    ``make_observer(loaded_model)``, e.g. ``HiddenStateReward.shipped()``) scores every reply
+    during that call's decode, at no extra forward pass; each reply's ``response_metadata``
+    then has ``"rewards": {name: score}``. A failing reward raises ``RewardError`` unless
+    ``on_reward_error="skip"`` (then ``"reward_errors": {name: message}`` says why). A
+    per-call ``observers=[DecodeObserver, ...]`` reads hidden states the same way. Both work
+    with ``generate``/``invoke``/``stream``, require caching off (the default), and are not
     part of the identifying or traced invocation params.
 
     Tool calling and structured output are not supported (``bind_tools`` raises
@@ -127,9 +104,18 @@ class ChatESamp(ESampLangChainMixin, BaseChatModel):
         return self._ls_params("chat", stop, kwargs)
 
     def _get_invocation_params(self, stop: list[str] | None = None, **kwargs: Any) -> dict[str, Any]:
-        # Observer objects are per-call plumbing, not model parameters: keep them out of traces.
-        kwargs.pop("observers", None)
+        # Observers and rewards are per-call plumbing, not model parameters: keep them out of traces.
+        for key in CALL_EXTRA_KEYS:
+            kwargs.pop(key, None)
         return super()._get_invocation_params(stop=stop, **kwargs)
+
+    def _check_call_observers(self, kwargs: dict[str, Any]) -> None:
+        """Also refuse, before any callback, a per-call ``n`` that cannot stream when this call streams."""
+        super()._check_call_observers(kwargs)
+        streams = bool(kwargs["stream"]) if "stream" in kwargs else self.streaming
+        n = kwargs.get("n", self.n)
+        if streams and n != 1:
+            raise ValueError(f"n={n!r} with streaming=True; allowed: n=1 when streaming")
 
     def _combine_llm_outputs(self, llm_outputs: list[dict[str, Any] | None], /) -> dict[str, Any]:
         return combine_usage(llm_outputs)
@@ -139,7 +125,7 @@ class ChatESamp(ESampLangChainMixin, BaseChatModel):
         if not messages:
             raise ValueError("messages=[] is empty; allowed: at least one message")
         loaded = self._resolve_model(model_name or self.model_name)
-        return loaded.apply_chat_template([message_to_dict(m) for m in messages])
+        return loaded.apply_chat_template(to_chat_messages(list(messages)))
 
     def get_num_tokens_from_messages(self, messages: list[BaseMessage], tools: Sequence[Any] | None = None) -> int:
         """Prompt tokens of ``messages`` once the chat template is applied."""
@@ -167,21 +153,24 @@ class ChatESamp(ESampLangChainMixin, BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        observers, kwargs = split_observers(kwargs)
+        extras, kwargs = split_observers(kwargs)
         call = self._resolve_call(stop, kwargs)
         loaded = self._resolve_model(call.model_name)
         prompt = self.render_prompt(messages, call.model_name)
+        scoring = DecodeRewards(extras.rewards, loaded, extras.on_reward_error)
+        observers = extras.observers + scoring.observers
         result = self._engine(loaded).generate(
             [prompt], call.sampling, call.esamp, observers=observers, add_special_tokens=False
         )
         prompt_result = result[0]
         usage = prompt_usage(prompt_result)
+        scores = scoring.per_candidate([len(prompt_result.candidates)])[0]
         generations = [
             ChatGeneration(
                 message=AIMessage(content=c.text, usage_metadata=_usage_metadata(usage)),
-                generation_info=self._info(c, call, loaded),
+                generation_info={**self._info(c, call, loaded), **extra},
             )
-            for c in prompt_result.candidates
+            for c, extra in zip(prompt_result.candidates, scores, strict=True)
         ]
         llm_output = {
             "token_usage": usage,
@@ -204,18 +193,21 @@ class ChatESamp(ESampLangChainMixin, BaseChatModel):
 
     # -- streaming -------------------------------------------------------------------------
 
-    def _stream_call(self, stop: list[str] | None, kwargs: dict[str, Any]) -> tuple[CallConfig, tuple[Any, ...]]:
-        observers, kwargs = split_observers(kwargs)
+    def _stream_call(self, stop: list[str] | None, kwargs: dict[str, Any]) -> tuple[CallConfig, CallExtras]:
+        extras, kwargs = split_observers(kwargs)
         call = self._resolve_call(stop, kwargs)
         if call.sampling.n != 1:
             raise ValueError(f"n={call.sampling.n} cannot be streamed; allowed: n=1 (use generate() for N replies)")
-        return call, observers
+        return call, extras
 
     def _chunks(
-        self, messages: list[BaseMessage], call: CallConfig, observers: tuple[Any, ...] = ()
+        self, messages: list[BaseMessage], call: CallConfig, extras: CallExtras | None = None
     ) -> Iterator[ChatGenerationChunk]:
+        extras = extras or CallExtras()
         loaded = self._resolve_model(call.model_name)
         prompt = self.render_prompt(messages, call.model_name)
+        scoring = DecodeRewards(extras.rewards, loaded, extras.on_reward_error)
+        observers = extras.observers + scoring.observers
         events = self._engine(loaded).stream(
             prompt, call.sampling, call.esamp, observers=observers, add_special_tokens=False
         )
@@ -233,9 +225,9 @@ class ChatESamp(ESampLangChainMixin, BaseChatModel):
                 }
             )
             extra: dict[str, Any] = {"chunk_position": "last"} if _HAS_CHUNK_POSITION else {}
+            info = {**self._info(candidate, call, loaded), **scoring.per_candidate([1])[0][0]}
             yield ChatGenerationChunk(
-                message=AIMessageChunk(content=event.text, usage_metadata=usage, **extra),
-                generation_info=self._info(candidate, call, loaded),
+                message=AIMessageChunk(content=event.text, usage_metadata=usage, **extra), generation_info=info
             )
 
     def _stream(
@@ -245,8 +237,8 @@ class ChatESamp(ESampLangChainMixin, BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
-        call, observers = self._stream_call(stop, kwargs)
-        for chunk in self._chunks(messages, call, observers):
+        call, extras = self._stream_call(stop, kwargs)
+        for chunk in self._chunks(messages, call, extras):
             if run_manager:
                 run_manager.on_llm_new_token(chunk.text, chunk=chunk)
             yield chunk
@@ -258,11 +250,11 @@ class ChatESamp(ESampLangChainMixin, BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
-        call, observers = self._stream_call(stop, kwargs)
-        async for chunk in iterate_in_thread(lambda: self._chunks(messages, call, observers)):
+        call, extras = self._stream_call(stop, kwargs)
+        async for chunk in iterate_in_thread(lambda: self._chunks(messages, call, extras)):
             if run_manager:
                 await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
             yield chunk
 
 
-__all__ = ["ChatESamp", "message_to_dict"]
+__all__ = ["ChatESamp"]

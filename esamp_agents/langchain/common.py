@@ -23,6 +23,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, create_model, f
 from esamp_agents.decoding.loading import EMBEDDED, LoadedModel, load_model
 from esamp_agents.decoding.params import PARAM_KEYS, PARAMS, ESampParams, SamplingParams, build_params, param_names
 from esamp_agents.decoding.results import Candidate
+from esamp_agents.langchain.decode_rewards import CALL_EXTRA_KEYS, CallExtras, check_on_reward_error, check_rewards
 from esamp_agents.openai_format import TokenRenderer, chat_logprobs
 
 DEFAULT_MAX_TOKENS = 256
@@ -98,13 +99,18 @@ def check_observers(observers: Any) -> tuple[Any, ...]:
     return checked
 
 
-def split_observers(kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """Per-call kwargs -> (validated observers, the other kwargs): observers never reach
-    parameter resolution, identifying params or tracing."""
-    if "observers" not in kwargs:
-        return (), kwargs
+def split_observers(kwargs: dict[str, Any]) -> tuple[CallExtras, dict[str, Any]]:
+    """Per-call kwargs -> (validated observers and decode-time rewards, the other kwargs):
+    these never reach parameter resolution, identifying params or tracing."""
+    if not any(key in kwargs for key in CALL_EXTRA_KEYS):
+        return CallExtras(), kwargs
     rest = dict(kwargs)
-    return check_observers(rest.pop("observers")), rest
+    extras = CallExtras(
+        observers=check_observers(rest.pop("observers", None)),
+        rewards=check_rewards(rest.pop("rewards", None)),
+        on_reward_error=check_on_reward_error(rest.pop("on_reward_error", "raise")),
+    )
+    return extras, rest
 
 
 @dataclass(frozen=True)
@@ -263,21 +269,24 @@ class ESampLangChainMixin(_ParamFields):  # type: ignore[misc, valid-type]
 
     def _check_call_observers(self, kwargs: dict[str, Any]) -> None:
         """Fail before any callback or cache lookup: a cache hit would skip decoding, so the
-        observers would silently see nothing (or only the uncached prompts)."""
-        if check_observers(kwargs.get("observers")) and self._cache_enabled():
+        observers and decode-time rewards would silently see nothing (or only the uncached prompts)."""
+        extras, _ = split_observers(kwargs)
+        if extras and self._cache_enabled():
+            what = "observers" if extras.observers else "rewards"
             raise ValueError(
-                f"observers with cache={self.cache!r} (or a global LLM cache); allowed: cache=False "
-                "when passing observers (a cached reply is not decoded, so observers would see nothing)"
+                f"{what} with cache={self.cache!r} (or a global LLM cache); allowed: cache=False "
+                f"when passing {what} (a cached reply is not decoded, so they would see nothing)"
             )
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        """LangChain's ``generate``, plus a per-call ``observers=[DecodeObserver, ...]`` that
-        reads hidden states during this very decode (not part of the identifying params)."""
+        """LangChain's ``generate``, plus per-call ``observers=[DecodeObserver, ...]`` and
+        ``rewards=[decode-time reward, ...]`` (see :mod:`esamp_agents.langchain.decode_rewards`)
+        that read hidden states during this very decode (not part of the identifying params)."""
         self._check_call_observers(kwargs)
         return super().generate(*args, **kwargs)  # type: ignore[misc]
 
     async def agenerate(self, *args: Any, **kwargs: Any) -> Any:
-        """Async ``generate``; accepts ``observers`` like :meth:`generate`."""
+        """Async ``generate``; accepts ``observers`` and ``rewards`` like :meth:`generate`."""
         self._check_call_observers(kwargs)
         return await super().agenerate(*args, **kwargs)  # type: ignore[misc]
 

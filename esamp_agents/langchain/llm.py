@@ -19,6 +19,7 @@ from esamp_agents.langchain.common import (
     iterate_in_thread,
     split_observers,
 )
+from esamp_agents.langchain.decode_rewards import CallExtras, DecodeRewards
 from esamp_agents.openai_format import renderer_for, request_usage
 
 
@@ -27,8 +28,13 @@ class ESampLLM(ESampLangChainMixin, BaseLLM):
 
     Weights load lazily on first use through the shared registry, so many instances naming
     the same model share one copy (and one lock: concurrent calls are serialised safely).
-    A per-call ``observers=[DecodeObserver, ...]`` (``generate``/``invoke``/``stream``) reads
-    hidden states during that call's decode (requires caching off, the default).
+    Decode-time rewards: a per-call ``rewards=[reward, ...]`` (objects with ``name`` and
+    ``make_observer(loaded_model)``, e.g. ``HiddenStateReward.shipped()``) scores every
+    candidate during that call's decode, at no extra forward pass: each candidate's
+    ``generation_info`` then has ``"rewards": {name: score}``. A failing reward raises
+    ``RewardError`` unless ``on_reward_error="skip"`` (then ``"reward_errors": {name: message}``
+    says why). A per-call ``observers=[DecodeObserver, ...]`` reads hidden states the same
+    way. Both work with ``generate``/``invoke``/``stream`` and require caching off (the default).
     ``invoke`` returns the first candidate only, as for every LangChain model; use
     ``generate`` to get all ``n`` per prompt (with per-candidate ``generation_info``:
     finish reason, token counts, mean logprob, ESamp novelty and, when asked, logprobs in
@@ -80,10 +86,11 @@ class ESampLLM(ESampLangChainMixin, BaseLLM):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> LLMResult:
-        observers, kwargs = split_observers(kwargs)
+        extras, kwargs = split_observers(kwargs)
         call = self._resolve_call(stop, kwargs)
         check_prompts(prompts)
         loaded = self._resolve_model(call.model_name)
+        scoring = DecodeRewards(extras.rewards, loaded, extras.on_reward_error)
         on_text = None
         if run_manager is not None and self.streaming:
 
@@ -92,21 +99,25 @@ class ESampLLM(ESampLangChainMixin, BaseLLM):
                 run_manager.on_llm_new_token(delta, chunk=GenerationChunk(text=delta, generation_info=info))
 
         result = self._engine(loaded).generate(
-            list(prompts), call.sampling, call.esamp, observers=observers, on_text=on_text
+            list(prompts), call.sampling, call.esamp, observers=extras.observers + scoring.observers, on_text=on_text
         )
         renderer = renderer_for(loaded.tokenizer) if call.logprobs else None
         eos_ids = loaded.eos_token_ids
+        scores = scoring.per_candidate([len(pr.candidates) for pr in result])
         generations = [
             [
                 Generation(
                     text=c.text,
-                    generation_info=candidate_info(
-                        c, model_name=call.model_name, logprobs=call.logprobs, renderer=renderer, eos_ids=eos_ids
-                    ),
+                    generation_info={
+                        **candidate_info(
+                            c, model_name=call.model_name, logprobs=call.logprobs, renderer=renderer, eos_ids=eos_ids
+                        ),
+                        **extra,
+                    },
                 )
-                for c in pr.candidates
+                for c, extra in zip(pr.candidates, prompt_scores, strict=True)
             ]
-            for pr in result
+            for pr, prompt_scores in zip(result, scores, strict=True)
         ]
         llm_output = {
             "token_usage": request_usage(result),
@@ -130,17 +141,20 @@ class ESampLLM(ESampLangChainMixin, BaseLLM):
 
     # -- streaming -------------------------------------------------------------------------
 
-    def _stream_call(self, stop: list[str] | None, kwargs: dict[str, Any]) -> tuple[CallConfig, tuple[Any, ...]]:
-        observers, kwargs = split_observers(kwargs)
+    def _stream_call(self, stop: list[str] | None, kwargs: dict[str, Any]) -> tuple[CallConfig, CallExtras]:
+        extras, kwargs = split_observers(kwargs)
         call = self._resolve_call(stop, kwargs)
         if call.sampling.n != 1:
             raise ValueError(f"n={call.sampling.n} cannot be streamed; allowed: n=1 (use generate() for N candidates)")
-        return call, observers
+        return call, extras
 
-    def _events(self, prompt: str, call: CallConfig, observers: tuple[Any, ...] = ()) -> Iterator[GenerationChunk]:
+    def _events(self, prompt: str, call: CallConfig, extras: CallExtras | None = None) -> Iterator[GenerationChunk]:
+        extras = extras or CallExtras()
         loaded = self._resolve_model(call.model_name)
         renderer = renderer_for(loaded.tokenizer) if call.logprobs else None
         eos_ids = loaded.eos_token_ids
+        scoring = DecodeRewards(extras.rewards, loaded, extras.on_reward_error)
+        observers = extras.observers + scoring.observers
         for event in self._engine(loaded).stream(prompt, call.sampling, call.esamp, observers=observers):
             if event.candidate is None:
                 if event.text:
@@ -149,7 +163,7 @@ class ESampLLM(ESampLangChainMixin, BaseLLM):
             info = candidate_info(
                 event.candidate, model_name=call.model_name, logprobs=call.logprobs, renderer=renderer, eos_ids=eos_ids
             )
-            yield GenerationChunk(text=event.text, generation_info=info)
+            yield GenerationChunk(text=event.text, generation_info={**info, **scoring.per_candidate([1])[0][0]})
 
     def _stream(
         self,
@@ -158,9 +172,9 @@ class ESampLLM(ESampLangChainMixin, BaseLLM):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[GenerationChunk]:
-        call, observers = self._stream_call(stop, kwargs)
+        call, extras = self._stream_call(stop, kwargs)
         check_prompts([prompt])
-        for chunk in self._events(prompt, call, observers):
+        for chunk in self._events(prompt, call, extras):
             if run_manager:
                 run_manager.on_llm_new_token(chunk.text, chunk=chunk)
             yield chunk
@@ -172,9 +186,9 @@ class ESampLLM(ESampLangChainMixin, BaseLLM):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[GenerationChunk]:
-        call, observers = self._stream_call(stop, kwargs)
+        call, extras = self._stream_call(stop, kwargs)
         check_prompts([prompt])
-        async for chunk in iterate_in_thread(lambda: self._events(prompt, call, observers)):
+        async for chunk in iterate_in_thread(lambda: self._events(prompt, call, extras)):
             if run_manager:
                 await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
             yield chunk

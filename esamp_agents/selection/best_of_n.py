@@ -6,8 +6,9 @@ what it returns (``str`` for LLMs, ``AIMessage`` for chat models), chosen among 
 How the N candidates are sampled:
 
 - ``ESampLLM`` / ``ChatESamp``: ONE ``generate`` call with ``n=N`` (one batched decode).
-  Decode-time rewards (objects with ``make_observer(loaded_model)``) observe that same
-  decode through ``observers=[...]``: their scores cost no second pass. With a fixed
+  Decode-time rewards (objects with ``make_observer(loaded_model)``) go to the model's public
+  per-call ``rewards=[...]``: they observe that same decode, cost no second pass, and come
+  back in each candidate's metadata (``"rewards": {name: score}``). With a fixed
   ``seed``, round ``r`` of the threshold strategy uses ``seed + r`` (else every round
   would replay the same samples).
 - other LangChain models with an ``n`` field (``ChatOpenAI``...): one call with ``n=N``
@@ -49,7 +50,6 @@ model (``.output``, ``.chosen``, ``.candidates`` ranked best first, ``.metadata`
 from __future__ import annotations
 
 import asyncio
-import inspect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -59,11 +59,19 @@ from langchain_core.callbacks import AsyncCallbackManagerForChainRun, CallbackMa
 from langchain_core.language_models import BaseChatModel, BaseLanguageModel
 from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.runnables import Runnable, RunnableBinding, RunnableConfig, RunnableSerializable
-from langchain_core.runnables.config import ensure_config, get_executor_for_config, patch_config, run_in_executor
+from langchain_core.runnables.config import ensure_config, get_executor_for_config, patch_config
 from pydantic import ConfigDict, Field, model_validator
 
 from esamp_agents.selection.fusion import FUSIONS, Fusion, check_weights, fuse
-from esamp_agents.selection.rewards import ScoredCandidate
+from esamp_agents.selection.rewards import (
+    RewardError,
+    ScoredCandidate,
+    as_prompt_value,
+    ascore_candidates,
+    check_scores,
+    reward_failure,
+    score_candidates,
+)
 
 STRATEGIES: tuple[str, ...] = ("argmax", "vote", "threshold")
 ON_REWARD_ERROR: tuple[str, ...] = ("raise", "skip")
@@ -72,10 +80,6 @@ DEFAULT_MAX_ROUNDS = 4
 
 class BestOfNError(RuntimeError):
     """BestOfN could not produce a candidate (every sample failed, or every reward failed)."""
-
-
-class RewardError(RuntimeError):
-    """A reward raised or returned an unusable result (the message names the reward)."""
 
 
 @dataclass
@@ -88,12 +92,10 @@ class BestOfNResult:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
-def default_answer_extractor() -> Callable[[str], Any]:
-    """``esamp_agents.evaluation.tasks.extract_answer`` when present, else the demo's extractor."""
-    try:
-        from esamp_agents.evaluation.tasks import extract_answer
-    except ImportError:  # pragma: no cover - tasks ships with the package
-        from esamp_agents.cli.demo import extract_answer  # type: ignore[assignment]
+def default_answer_extractor() -> Callable[[str], str | None]:
+    """:func:`esamp_agents.evaluation.tasks.extract_answer` (the final answer as a str, or None)."""
+    from esamp_agents.evaluation.tasks import extract_answer
+
     return extract_answer
 
 
@@ -116,33 +118,12 @@ def _unwrap(model: Any) -> tuple[Any, dict[str, Any]]:
     return model, kwargs
 
 
-def _accepts_config(fn: Callable[..., Any]) -> bool:
-    try:
-        return "config" in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 def _text_of(output: Any) -> str:
     if isinstance(output, str):
         return output
     if isinstance(output, BaseMessage):
         return str(output.text)
     return str(output)
-
-
-def _check_scores(name: str, values: Any, expected: int) -> list[float]:
-    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
-        raise RewardError(f"reward {name!r} returned {type(values).__name__}; allowed: a list of {expected} floats")
-    if len(values) != expected:
-        raise RewardError(f"reward {name!r} returned {len(values)} scores for {expected} candidates")
-    out = []
-    for v in values:
-        try:
-            out.append(float(v))
-        except (TypeError, ValueError) as exc:
-            raise RewardError(f"reward {name!r} returned {v!r}; allowed: real numbers") from exc
-    return out
 
 
 def _softmax(values: Sequence[float], temperature: float) -> list[float]:
@@ -329,8 +310,8 @@ class BestOfN(RunnableSerializable[Any, Any]):
             return []
         return [r for r in self.rewards if callable(getattr(r, "make_observer", None))]
 
-    def _native_call(self, round_index: int, kwargs: dict[str, Any]) -> tuple[Any, Any, dict[str, Any], list[Any]]:
-        """(model, prompt converter, call kwargs, [(reward, observer)]) for one-call sampling."""
+    def _native_call(self, round_index: int, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        """(model, call kwargs) for one-call sampling; ESamp models also get the decode-time rewards."""
         base, bound = _unwrap(self.model)
         call = {**bound, **kwargs, "n": self.n}
         if any(getattr(r, "needs_logprobs", False) for r in self.rewards):
@@ -339,7 +320,6 @@ class BestOfN(RunnableSerializable[Any, Any]):
             top = max((int(getattr(r, "top_logprobs", 0) or 0) for r in self.rewards), default=0)
             if top:
                 call.setdefault("top_logprobs", top)
-        observed: list[Any] = []
         if _is_esamp(base):
             if isinstance(base, BaseChatModel):
                 call["stream"] = False  # N replies cannot be streamed; never let streaming=True try
@@ -348,20 +328,16 @@ class BestOfN(RunnableSerializable[Any, Any]):
                 call["seed"] = int(seed) + round_index
             decode_time = self._decode_time()
             if decode_time:
-                loaded = base._resolve_model(call.get("model", call.get("model_name", base.model_name)))
-                for reward in decode_time:
-                    try:
-                        observed.append((reward, reward.make_observer(loaded)))
-                    except Exception as exc:
-                        observed.append((reward, exc))
-                call["observers"] = [obs for _, obs in observed if not isinstance(obs, BaseException)]
-        return base, base._convert_input, call, observed
+                # the model's public per-call contract; "skip" so that on_reward_error applies here
+                call["rewards"] = decode_time
+                call["on_reward_error"] = "skip"
+        return base, call
 
     def _uses_native(self) -> bool:
         base = _unwrap(self.model)[0]
         return _is_esamp(base) or _has_n_field(base)
 
-    def _from_generations(self, generations: Sequence[Any], observed: list[Any], warnings: list[str]) -> _Round:
+    def _from_generations(self, generations: Sequence[Any], warnings: list[str]) -> _Round:
         candidates = []
         for i, gen in enumerate(generations):
             message = getattr(gen, "message", None)
@@ -375,15 +351,17 @@ class BestOfN(RunnableSerializable[Any, Any]):
         if not candidates:
             raise BestOfNError(f"the model returned no candidates for n={self.n}")
         result = _Round(candidates, warnings=warnings)
-        for reward, obs in observed:
-            if isinstance(obs, BaseException):
-                result.observed[reward.name] = obs
+        for reward in self._decode_time():
+            name = reward.name
+            errors = [c.generation_info.get("reward_errors", {}).get(name) for c in candidates]
+            error = next((e for e in errors if e), None)
+            if error is not None:
+                result.observed[name] = RewardError(error)
                 continue
             try:
-                rows = obs.rewards()
-                result.observed[reward.name] = _check_scores(reward.name, rows[0], len(candidates))
-            except Exception as exc:
-                result.observed[reward.name] = exc
+                result.observed[name] = [c.generation_info["rewards"][name] for c in candidates]
+            except (KeyError, TypeError):
+                result.observed[name] = RewardError(f"reward {name!r}: the model returned no decode-time scores")
         return result
 
     def _from_outputs(self, outputs: Sequence[Any]) -> _Round:
@@ -406,12 +384,12 @@ class BestOfN(RunnableSerializable[Any, Any]):
         self, input: Any, round_index: int, config: RunnableConfig, run_manager: CallbackManagerForChainRun, kwargs: Any
     ) -> _Round:
         if self._uses_native():
-            model, convert, call, observed = self._native_call(round_index, kwargs)
+            model, call = self._native_call(round_index, kwargs)
             try:
-                result = model.generate_prompt([convert(input)], callbacks=run_manager.get_child(), **call)
+                result = model.generate_prompt([as_prompt_value(input)], callbacks=run_manager.get_child(), **call)
             except Exception as exc:
                 raise BestOfNError(f"sampling {self.n} candidates failed: {type(exc).__name__}: {exc}") from exc
-            return self._from_generations(result.generations[0], observed, [])
+            return self._from_generations(result.generations[0], [])
         child = patch_config(config, callbacks=run_manager.get_child(), max_concurrency=self._concurrency(config))
 
         def one(_: int) -> Any:
@@ -434,12 +412,14 @@ class BestOfN(RunnableSerializable[Any, Any]):
         kwargs: Any,
     ) -> _Round:
         if self._uses_native():
-            model, convert, call, observed = self._native_call(round_index, kwargs)
+            model, call = self._native_call(round_index, kwargs)
             try:
-                result = await model.agenerate_prompt([convert(input)], callbacks=run_manager.get_child(), **call)
+                result = await model.agenerate_prompt(
+                    [as_prompt_value(input)], callbacks=run_manager.get_child(), **call
+                )
             except Exception as exc:
                 raise BestOfNError(f"sampling {self.n} candidates failed: {type(exc).__name__}: {exc}") from exc
-            return self._from_generations(result.generations[0], observed, [])
+            return self._from_generations(result.generations[0], [])
         limit = self._concurrency(config)
         child = patch_config(config, callbacks=run_manager.get_child(), max_concurrency=limit)
         semaphore = asyncio.Semaphore(limit or self.n)
@@ -459,21 +439,6 @@ class BestOfN(RunnableSerializable[Any, Any]):
         decode_time = {id(r) for r in self._decode_time()}
         return [r for r in self.rewards if id(r) not in decode_time]
 
-    def _score_sync(self, reward: Any, input: Any, candidates: list[ScoredCandidate], config: RunnableConfig) -> Any:
-        if _accepts_config(reward.score):
-            return reward.score(input, candidates, config=config)
-        return reward.score(input, candidates)
-
-    async def _score_async(
-        self, reward: Any, input: Any, candidates: list[ScoredCandidate], config: RunnableConfig
-    ) -> Any:
-        ascore = getattr(reward, "ascore", None)
-        if callable(ascore):
-            if _accepts_config(ascore):
-                return await ascore(input, candidates, config=config)
-            return await ascore(input, candidates)
-        return await run_in_executor(config, self._score_sync, reward, input, candidates, config)
-
     def _trace_input(self, candidates: list[ScoredCandidate]) -> dict[str, Any]:
         return {"candidates": [c.text for c in candidates]}
 
@@ -485,7 +450,7 @@ class BestOfN(RunnableSerializable[Any, Any]):
             child = patch_config(config, callbacks=run_manager.get_child(), run_name=f"reward:{reward.name}")
 
             def run(_: Any, config: RunnableConfig, reward: Any = reward) -> Any:
-                return self._score_sync(reward, input, rnd.candidates, config)
+                return score_candidates(reward, input, rnd.candidates, config)
 
             try:
                 results[reward.name] = self._call_with_config(run, self._trace_input(rnd.candidates), child)
@@ -502,7 +467,7 @@ class BestOfN(RunnableSerializable[Any, Any]):
             child = patch_config(config, callbacks=run_manager.get_child(), run_name=f"reward:{reward.name}")
 
             async def run(_: Any, config: RunnableConfig) -> Any:
-                return await self._score_async(reward, input, rnd.candidates, config)
+                return await ascore_candidates(reward, input, rnd.candidates, config)
 
             return await self._acall_with_config(run, self._trace_input(rnd.candidates), child)
 
@@ -518,13 +483,14 @@ class BestOfN(RunnableSerializable[Any, Any]):
             try:
                 if isinstance(value, BaseException):
                     raise value
-                scores = _check_scores(reward.name, value, len(rnd.candidates))
+                scores = check_scores(reward.name, value, len(rnd.candidates))
             except Exception as exc:
-                message = str(exc) if isinstance(exc, RewardError) else f"{type(exc).__name__}: {exc}"
+                error = reward_failure(reward.name, exc)
                 if self.on_reward_error == "raise":
-                    if isinstance(exc, RewardError):
+                    if error is exc:
                         raise
-                    raise RewardError(f"reward {reward.name!r} failed: {message}") from exc
+                    raise error from exc
+                message = str(error).removeprefix(f"reward {reward.name!r} failed: ")
                 rnd.warnings.append(f"reward {reward.name!r} skipped: {message}")
                 continue
             for candidate, score in zip(rnd.candidates, scores, strict=True):
@@ -595,7 +561,7 @@ class BestOfN(RunnableSerializable[Any, Any]):
             try:
                 c.answer = extractor(c.text)
             except Exception as exc:
-                raise ValueError(
+                raise BestOfNError(
                     f"answer_extractor failed on candidate {c.index}: {type(exc).__name__}: {exc}"
                 ) from exc
         fusion = self._fuse(candidates)

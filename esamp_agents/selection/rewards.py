@@ -17,6 +17,7 @@ A *decode-time* reward instead has ``make_observer(loaded_model)`` returning a
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 import re
@@ -28,9 +29,12 @@ from typing import Any, Protocol, runtime_checkable
 
 from langchain_core.language_models import BaseLanguageModel
 from langchain_core.messages import BaseMessage, convert_to_messages, get_buffer_string
-from langchain_core.prompt_values import PromptValue
+from langchain_core.prompt_values import ChatPromptValue, PromptValue, StringPromptValue
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import Runnable, RunnableConfig
+from langchain_core.runnables.config import run_in_executor
+
+from esamp_agents.messages import to_chat_messages
 
 
 @dataclass
@@ -62,9 +66,90 @@ class Reward(Protocol):
         ...
 
 
+class RewardError(RuntimeError):
+    """A reward raised or returned an unusable result (the message names the reward)."""
+
+
+# --------------------------------------------------------------------------- calling rewards
+
+
+def check_scores(name: str, values: Any, expected: int) -> list[float]:
+    """A reward's result as ``expected`` floats, or :class:`RewardError` naming the reward."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise RewardError(f"reward {name!r} returned {type(values).__name__}; allowed: a list of {expected} floats")
+    if len(values) != expected:
+        raise RewardError(f"reward {name!r} returned {len(values)} scores for {expected} candidates")
+    out = []
+    for v in values:
+        try:
+            out.append(float(v))
+        except (TypeError, ValueError) as exc:
+            raise RewardError(f"reward {name!r} returned {v!r}; allowed: real numbers") from exc
+    return out
+
+
+def reward_failure(name: str, exc: BaseException) -> RewardError:
+    """``exc`` raised by reward ``name`` as a :class:`RewardError` that names it (chained by the caller)."""
+    if isinstance(exc, RewardError):
+        return exc
+    return RewardError(f"reward {name!r} failed: {type(exc).__name__}: {exc}")
+
+
+def _accepts_config(fn: Callable[..., Any]) -> bool:
+    try:
+        return "config" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def score_candidates(
+    reward: Any, input: Any, candidates: Sequence[ScoredCandidate], config: RunnableConfig | None = None
+) -> list[float]:
+    """``reward.score(input, candidates)`` (passing ``config`` when it takes one), checked: one float
+    per candidate. Any failure is a :class:`RewardError` naming the reward, chained to the cause."""
+    name = str(getattr(reward, "name", type(reward).__name__))
+    try:
+        if config is not None and _accepts_config(reward.score):
+            values = reward.score(input, candidates, config=config)
+        else:
+            values = reward.score(input, candidates)
+    except Exception as exc:
+        raise reward_failure(name, exc) from exc
+    return check_scores(name, values, len(candidates))
+
+
+async def ascore_candidates(
+    reward: Any, input: Any, candidates: Sequence[ScoredCandidate], config: RunnableConfig | None = None
+) -> list[float]:
+    """Async :func:`score_candidates`: the reward's ``ascore`` when it has one, else ``score`` in a thread."""
+    ascore = getattr(reward, "ascore", None)
+    if not callable(ascore):
+        return await run_in_executor(config, score_candidates, reward, input, candidates, config)
+    name = str(getattr(reward, "name", type(reward).__name__))
+    try:
+        if config is not None and _accepts_config(ascore):
+            values = await ascore(input, candidates, config=config)
+        else:
+            values = await ascore(input, candidates)
+    except Exception as exc:
+        raise reward_failure(name, exc) from exc
+    return check_scores(name, values, len(candidates))
+
+
 # --------------------------------------------------------------------------- input helpers
 
-_ROLES = {"human": "user", "ai": "assistant", "system": "system", "tool": "tool", "function": "tool"}
+
+def as_prompt_value(input: Any) -> PromptValue:
+    """A model input (str, messages, PromptValue) as the ``PromptValue`` ``generate_prompt`` takes."""
+    if isinstance(input, PromptValue):
+        return input
+    if isinstance(input, str):
+        return StringPromptValue(text=input)
+    if isinstance(input, Sequence):
+        return ChatPromptValue(messages=convert_to_messages(input))
+    raise ValueError(
+        f"input of type {type(input).__name__} is not a model input; allowed: str, a list of messages, a PromptValue"
+    )
 
 
 def input_messages(input: Any) -> list[BaseMessage]:
@@ -90,17 +175,6 @@ def input_text(input: Any) -> str:
     if len(messages) == 1 and messages[0].type == "human":
         return str(messages[0].text)
     return get_buffer_string(messages)
-
-
-def input_chat(input: Any) -> list[dict[str, str]]:
-    """The model input as ``{"role", "content"}`` dicts for a tokenizer's chat template."""
-    out = []
-    for m in input_messages(input):
-        role = getattr(m, "role", None) if m.type == "chat" else _ROLES.get(m.type)
-        if not role:
-            raise ValueError(f"message type {m.type!r} is not supported; allowed: {', '.join(sorted(_ROLES))}")
-        out.append({"role": str(role), "content": str(m.text)})
-    return out
 
 
 def _as_score(value: Any, reward: str) -> float:
@@ -356,7 +430,7 @@ class SequenceClassifierReward:
         """Token ids the reward model reads for one (input, candidate) pair."""
         tok = self.tokenizer
         if self.use_chat_template:
-            chat = [*input_chat(input), {"role": "assistant", "content": candidate}]
+            chat = [*to_chat_messages(input), {"role": "assistant", "content": candidate}]
             text = tok.apply_chat_template(chat, tokenize=False)
             ids = tok(text, add_special_tokens=False)["input_ids"]
         else:
@@ -396,10 +470,15 @@ __all__ = [
     "CallableReward",
     "LLMJudgeReward",
     "Reward",
+    "RewardError",
     "ScoredCandidate",
     "SequenceClassifierReward",
-    "input_chat",
+    "as_prompt_value",
+    "ascore_candidates",
+    "check_scores",
     "input_messages",
     "input_text",
     "parse_judge_score",
+    "reward_failure",
+    "score_candidates",
 ]
