@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from esamp_agents.decoding.params import ESampParams, SamplingParams
+from esamp_agents.decoding.params import ESampParams, SamplingParams, build_params
 
 SAMPLER_USAGE = (
     "allowed: vanilla, esamp (the defaults), esamp:BETA, esamp:BETA:warmSTEPS (0 < BETA <= 100, 0 <= STEPS <= 10000), "
@@ -93,27 +93,23 @@ class Sampler:
         return self.name.replace(":", "_")  # no ':' in paths (Windows)
 
     def esamp_params(self) -> ESampParams:
-        extra: dict[str, Any] = {}
-        if self.warm_start_lr is not None:
-            extra["warm_start_lr"] = self.warm_start_lr
-        if self.distiller_width is not None:
-            extra["distiller_width"] = self.distiller_width
-        return ESampParams(
-            beta=self.beta, warm_start_steps=self.warm_start_steps, shared_distiller=self.shared_distiller, **extra
-        )
+        """This sampler's ESamp settings: its own options over the :class:`ESampParams` defaults."""
+        options = {
+            "beta": self.beta,
+            "warm_start_steps": self.warm_start_steps,
+            "shared_distiller": self.shared_distiller,
+            "warm_start_lr": self.warm_start_lr,
+            "distiller_width": self.distiller_width,
+        }
+        return build_params({k: v for k, v in options.items() if v is not None})[1]
 
     def sampling_params(
         self, *, n: int, temperature: float, top_k: int, top_p: float, max_tokens: int, seed: int
     ) -> SamplingParams:
-        return SamplingParams(
-            n=n,
-            max_new_tokens=max_tokens,
-            temperature=temperature if self.temperature is None else self.temperature,
-            top_k=top_k,
-            top_p=top_p,
-            min_p=self.min_p,
-            seed=seed,
-        )
+        """The run's shared settings, with this sampler's min-p and (if set) its own temperature."""
+        own_temperature = temperature if self.temperature is None else self.temperature
+        values = {"n": n, "max_tokens": max_tokens, "temperature": own_temperature, "top_k": top_k, "top_p": top_p}
+        return build_params({**values, "min_p": self.min_p, "seed": seed})[0]
 
 
 def _parse_float(text: str, spec: str, what: str) -> float:
