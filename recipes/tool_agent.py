@@ -17,7 +17,8 @@ Choosing, for both: first by tool-call validity, the fraction of the reply's too
 parse, name a bound tool and pass that tool's argument schema (a reply without tool calls
 counts as valid when it has text and ``tool_choice`` does not require a tool; an empty reply
 as invalid); then, among the most valid replies only, by the optional ``reward`` (higher is
-better, NaN worst); ties go to the earliest candidate. The chosen ``AIMessage`` carries
+better; NaN and inf rank worst, as in BestOfN, whose reward-calling and ranking helpers this
+shares); ties go to the earliest candidate. The chosen ``AIMessage`` carries
 ``response_metadata["best_of_n"]`` with every candidate's validity, problems and reward.
 """
 
@@ -27,7 +28,6 @@ import asyncio
 import dataclasses
 import functools
 import json
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,8 +43,9 @@ from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from esamp_agents.selection.best_of_n import BestOfNError, RewardError
-from esamp_agents.selection.rewards import ScoredCandidate
+from esamp_agents.selection.best_of_n import BestOfNError
+from esamp_agents.selection.fusion import fuse
+from esamp_agents.selection.rewards import ScoredCandidate, ascore_candidates, score_candidates
 from esamp_agents.validation import check_int
 
 SAMPLING_MODES: tuple[str, ...] = ("auto", "n", "parallel")
@@ -272,48 +273,29 @@ def _reward_name(reward: Any) -> str | None:
     return str(getattr(reward, "name", None) or getattr(reward, "__name__", None) or type(reward).__name__)
 
 
-def _as_scores(reward: Any, values: Any, expected: int) -> list[float]:
-    name = _reward_name(reward)
-    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or len(values) != expected:
-        raise RewardError(f"reward {name!r} returned {values!r}; allowed: {expected} numbers")
-    try:
-        return [float(v) for v in values]
-    except (TypeError, ValueError) as exc:
-        raise RewardError(f"reward {name!r} returned {values!r}; allowed: real numbers") from exc
+class _ReplyReward:
+    """A function ``(messages, reply) -> float`` (sync or async) as a Reward over the candidates'
+    AIMessages, so it is called, checked and named by the shared ``selection`` helpers."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+        self.name = _reward_name(fn)
+
+    def score(self, input: Any, candidates: Sequence[ScoredCandidate]) -> list[Any]:
+        return [self.fn(input, c.output) for c in candidates]
+
+    async def ascore(self, input: Any, candidates: Sequence[ScoredCandidate]) -> list[Any]:
+        if not asyncio.iscoroutinefunction(self.fn):
+            return await run_in_executor(None, self.score, input, candidates)
+        return [await self.fn(input, c.output) for c in candidates]
 
 
-def _candidates_for(messages: list[BaseMessage], replies: list[AIMessage]) -> list[ScoredCandidate]:
+def _as_reward(reward: Any) -> Any:
+    return reward if callable(getattr(reward, "score", None)) else _ReplyReward(reward)
+
+
+def _candidates_for(replies: list[AIMessage]) -> list[ScoredCandidate]:
     return [ScoredCandidate(i, m, render_reply(m), dict(m.response_metadata)) for i, m in enumerate(replies)]
-
-
-def _score_sync(reward: Any, messages: list[BaseMessage], replies: list[AIMessage]) -> list[float]:
-    try:
-        if callable(getattr(reward, "score", None)):
-            values = reward.score(messages, _candidates_for(messages, replies))
-        else:
-            values = [reward(messages, m) for m in replies]
-    except RewardError:
-        raise
-    except Exception as exc:
-        raise RewardError(f"reward {_reward_name(reward)!r} failed: {type(exc).__name__}: {exc}") from exc
-    return _as_scores(reward, values, len(replies))
-
-
-async def _score_async(reward: Any, messages: list[BaseMessage], replies: list[AIMessage]) -> list[float]:
-    ascore = getattr(reward, "ascore", None)
-    if not callable(ascore):
-        if asyncio.iscoroutinefunction(reward):
-            try:
-                values = [await reward(messages, m) for m in replies]
-            except Exception as exc:
-                raise RewardError(f"reward {_reward_name(reward)!r} failed: {type(exc).__name__}: {exc}") from exc
-            return _as_scores(reward, values, len(replies))
-        return await run_in_executor(None, _score_sync, reward, messages, replies)
-    try:
-        values = await ascore(messages, _candidates_for(messages, replies))
-    except Exception as exc:
-        raise RewardError(f"reward {_reward_name(reward)!r} failed: {type(exc).__name__}: {exc}") from exc
-    return _as_scores(reward, values, len(replies))
 
 
 def _assess(
@@ -333,11 +315,16 @@ def _assess(
 
 
 def _pick(candidates: list[StepCandidate], contenders: list[int]) -> int:
-    def key(i: int) -> tuple[float, int]:
-        r = candidates[i].reward
-        return (-(r if r is not None and not math.isnan(r) else -math.inf), i)
-
-    return min(contenders, key=key)
+    """The best-rewarded contender, ranked as BestOfN ranks (``selection.fusion``: NaN/inf
+    worst, ties to the earliest); without reward scores, the earliest contender."""
+    scores = [candidates[i].reward for i in contenders]
+    if len(contenders) == 1 or any(s is None for s in scores):
+        return contenders[0]
+    try:
+        order = fuse({"reward": [float(s) for s in scores if s is not None]}).order
+    except ValueError:  # every score is non-finite: nothing to rank by
+        return contenders[0]
+    return contenders[order[0]]
 
 
 def _annotate(
@@ -386,7 +373,7 @@ def choose_reply(
     flags = [False] * len(replies) if valid is None else list(valid)
     candidates, contenders = _assess(replies, tools, tool_choice, check_tools, flags)
     if reward is not None and len(contenders) > 1:
-        scores = _score_sync(reward, list(messages), [replies[i] for i in contenders])
+        scores = score_candidates(_as_reward(reward), list(messages), _candidates_for([replies[i] for i in contenders]))
         for i, s in zip(contenders, scores, strict=True):
             candidates[i].reward = s
     return _pick(candidates, contenders), candidates
@@ -410,7 +397,9 @@ async def achoose_reply(
     flags = [False] * len(replies) if valid is None else list(valid)
     candidates, contenders = _assess(replies, tools, tool_choice, check_tools, flags)
     if reward is not None and len(contenders) > 1:
-        scores = await _score_async(reward, list(messages), [replies[i] for i in contenders])
+        scores = await ascore_candidates(
+            _as_reward(reward), list(messages), _candidates_for([replies[i] for i in contenders])
+        )
         for i, s in zip(contenders, scores, strict=True):
             candidates[i].reward = s
     return _pick(candidates, contenders), candidates

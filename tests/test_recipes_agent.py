@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import textwrap
 import threading
 from collections import Counter
@@ -20,14 +21,15 @@ from pydantic import BaseModel, Field, PrivateAttr
 from esamp_agents.recipes.tool_agent import (
     BestOfNChatModel,
     BestOfNStep,
+    achoose_reply,
     check_json_schema,
     check_tool_calls,
     choose_reply,
     render_reply,
     tool_checks,
 )
-from esamp_agents.selection.best_of_n import BestOfNError, RewardError
-from esamp_agents.selection.rewards import CallableReward
+from esamp_agents.selection.best_of_n import BestOfNError
+from esamp_agents.selection.rewards import CallableReward, RewardError
 
 # --------------------------------------------------------------------------- tools and fakes
 
@@ -202,6 +204,25 @@ def test_choose_reply_prefers_valid_then_reward_then_first():
     chosen, _ = choose_reply(messages, [reply("I think 42."), GOOD], tools=[multiply], reward=judge)
     assert chosen == 1
     assert render_reply(GOOD) == '[tool call] multiply({"a": 6, "b": 7})'
+
+
+def test_choose_reply_ranks_rewards_like_best_of_n():
+    finals = [reply("a"), reply("b"), reply("c")]
+    scores = {"a": math.nan, "b": 2.0, "c": 2.0}
+    chosen, candidates = choose_reply([], finals, reward=lambda m, r: scores[r.content])
+    assert chosen == 1 and candidates[0].reward != candidates[0].reward  # NaN ranks worst; a tie goes to the first
+    chosen, _ = choose_reply([], finals, reward=lambda m, r: math.nan)
+    assert chosen == 0  # nothing to rank by: the earliest
+
+    async def prefers_c(messages: Any, message: AIMessage) -> float:
+        return float(message.content == "c")
+
+    chosen, candidates = asyncio.run(achoose_reply([], finals, reward=prefers_c))
+    assert chosen == 2 and [c.reward for c in candidates] == [0.0, 0.0, 1.0]
+    short = CallableReward(lambda q, t: 1.0, name="one")
+    short.score = lambda q, cands: [1.0]  # type: ignore[method-assign]
+    with pytest.raises(RewardError, match="reward 'one' returned 1 scores for 3 candidates"):
+        choose_reply([], finals, reward=short)
 
 
 def test_choose_reply_failures_are_named():

@@ -637,7 +637,6 @@ __all__ = [
     "BestOfN",
     "BestOfNError",
     "BestOfNResult",
-    "RewardError",
     "ScoredCandidate",
     "default_answer_extractor",
 ]

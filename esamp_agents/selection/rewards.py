@@ -11,8 +11,14 @@ score per candidate, higher is better; an optional ``ascore`` is used by async c
   reward model (chat-template aware, batched, loaded offline).
 
 A *decode-time* reward instead has ``make_observer(loaded_model)`` returning a
-:class:`~esamp_agents.decoding.observers.DecodeObserver` with ``rewards() -> [prompt][sample]``; with
-``ESampLLM``/``ChatESamp`` BestOfN scores the candidates while they are generated.
+:class:`~esamp_agents.decoding.observers.DecodeObserver` with ``rewards() -> [prompt][sample]``;
+``ESampLLM``/``ChatESamp`` take such rewards per call (``generate(..., rewards=[...])``) and
+return each candidate's score in its metadata, which is how BestOfN scores the candidates
+while they are generated.
+
+:func:`score_candidates` / :func:`ascore_candidates` call a reward the one way BestOfN and
+the tool-agent recipe share: ``config`` passed when the reward takes it, the result checked
+by :func:`check_scores`, any failure a :class:`RewardError` that names the reward.
 """
 
 from __future__ import annotations
