@@ -20,8 +20,13 @@ from langchain_core.outputs import ChatGeneration, ChatResult
 from langchain_core.prompts import ChatPromptTemplate
 from pydantic import Field
 
-from esamp_agents.selection.best_of_n import BestOfN, BestOfNError, BestOfNResult, RewardError
-from esamp_agents.selection.rewards import CallableReward, ScoredCandidate
+from esamp_agents.selection.best_of_n import (
+    BestOfN,
+    BestOfNError,
+    BestOfNResult,
+    default_answer_extractor,
+)
+from esamp_agents.selection.rewards import CallableReward, RewardError, ScoredCandidate
 
 # --------------------------------------------------------------------------- fakes
 
@@ -210,6 +215,24 @@ def test_custom_answer_extractor():
     model = NChat(rounds=[["Paris.", "paris", "Lyon"]])
     out = BestOfN(model, n=3, strategy="vote", answer_extractor=lambda t: t.strip(".").lower()).invoke("q")
     assert metadata(out)["chosen_answer"] == "paris"
+
+
+def test_default_extractor_is_the_tasks_one_and_answers_are_strings():
+    from esamp_agents.evaluation.tasks import extract_answer
+
+    assert default_answer_extractor() is extract_answer
+    out = BestOfN(NChat(rounds=[["Answer: 12", "Answer: 12", "Answer: 3"]]), n=3, strategy="vote").invoke("q")
+    assert metadata(out)["chosen_answer"] == "12"  # a str, as tasks.extract_answer returns
+
+
+def test_answer_extractor_failure_is_a_best_of_n_error():
+    def broken(text: str) -> str:
+        raise KeyError(text)
+
+    bon = BestOfN(NChat(rounds=[["a", "b"]]), n=2, strategy="vote", answer_extractor=broken)
+    with pytest.raises(BestOfNError, match="answer_extractor failed on candidate 0: KeyError: 'a'") as info:
+        bon.invoke("q")
+    assert isinstance(info.value.__cause__, KeyError)
 
 
 # --------------------------------------------------------------------------- threshold
@@ -485,17 +508,38 @@ def test_esamp_decode_time_reward_in_one_engine_call(embedded, monkeypatch):
     bon = BestOfN(chat, n=4, rewards=[reward, LENGTH], include_candidates=True)
     result = bon.invoke("What is 7 + 5?", {"callbacks": [recorder]})
     assert engine_calls == [4] and len(recorder.model_starts) == 1
-    assert "observers" not in recorder.model_starts[0]["invocation_params"]
+    params = recorder.model_starts[0]["invocation_params"]
+    assert not {"observers", "rewards", "on_reward_error"} & set(params)
     (obs,) = reward.observers
     assert obs.steps >= 1
     observed = obs.rewards()[0]
     assert len(result.candidates) == 4
     for c in result.candidates:
         assert c.scores["norm"] == pytest.approx(observed[c.index])
+        assert c.generation_info["rewards"] == {"norm": c.scores["norm"]}  # the model's public metadata
         assert isinstance(c.output, AIMessage) and c.generation_info["candidate_index"] == c.index
     assert isinstance(result.output, AIMessage)
     assert result.output.response_metadata["best_of_n"]["chosen_index"] == result.chosen.index
     assert not any(c.get("name") == "reward:norm" for c in recorder.chains)  # scored during decoding
+
+
+class BrokenDecodeReward:
+    name = "broken"
+
+    def make_observer(self, loaded: Any) -> Any:
+        raise RuntimeError("no head for this model")
+
+
+@pytest.mark.model
+def test_esamp_decode_time_reward_failure_follows_on_reward_error(embedded):
+    from esamp_agents.langchain.chat_model import ChatESamp
+
+    chat = ChatESamp(loaded_model=embedded, max_tokens=4, seed=0)
+    with pytest.raises(RewardError, match="reward 'broken' failed: RuntimeError: no head for this model"):
+        BestOfN(chat, n=2, rewards=[BrokenDecodeReward(), LENGTH]).invoke("hi")
+    out = BestOfN(chat, n=2, rewards=[BrokenDecodeReward(), LENGTH], on_reward_error="skip").invoke("hi")
+    assert metadata(out)["warnings"] == ["reward 'broken' skipped: RuntimeError: no head for this model"]
+    assert set(metadata(out)["candidates"][0]["scores"]) == {"length"}
 
 
 @pytest.mark.model
