@@ -1,5 +1,6 @@
-"""The ``esamp-agents`` command line (``app``: the parser and generate/demo commands;
-``reward``: collect/train-reward/score; ``demo``: the demo's questions and report)."""
+"""The ``esamp-agents`` command line: ``app`` (the parser, generate and demo), ``flags`` (flags
+derived from the parameter table), ``reward`` (collect/train-reward/score), ``eval``, ``serve``,
+``demo`` (the demo's questions and report)."""
 
 from __future__ import annotations
 

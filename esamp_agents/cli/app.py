@@ -1,6 +1,6 @@
 """Command line: ``generate`` samples N candidates per prompt, ``demo`` runs the demo; the reward
 commands (``collect``, ``train-reward``, ``score``) live in :mod:`esamp_agents.cli.reward`, ``serve`` in
-:mod:`esamp_agents.serving.server` and ``eval`` in :mod:`esamp_agents.evaluation.harness`.
+:mod:`esamp_agents.cli.serve` and ``eval`` in :mod:`esamp_agents.cli.eval`.
 
 Every argument is validated (by :class:`SamplingParams` / :class:`ESampParams` and the
 checks here) before the model loads, so a typo costs no load time. Errors print one

@@ -1,2 +1,3 @@
 """Measuring sampling and choosing: graded ``tasks``, diversity/pass@k ``metrics``, Best-of-N
-``selectors`` with honest baselines, and the ``harness`` behind ``esamp-agents eval``."""
+``selectors`` with honest baselines, and behind ``esamp-agents eval``: ``samplers`` (the sampler
+spellings), ``harness`` (the cached run), ``report`` (results.json and tables), ``plots``."""
