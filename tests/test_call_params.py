@@ -252,3 +252,19 @@ def test_server_accepts_every_esamp_spelling_of_the_table():
     assert parse_request({**body, "lr": 2e-3}, "chat", ServeDefaults(), 1000).esamp.lr == 2e-3
     with pytest.raises(RequestError, match=r"shared_distiller='yes' must be True or False"):
         parse_request({**body, "shared_distiller": "yes"}, "chat", ServeDefaults(), 1000)
+
+
+def test_static_field_stubs_match_the_table() -> None:
+    """The TYPE_CHECKING stub in langchain/common.py (what IDEs and type checkers see) lists
+    exactly the generated fields, with the same annotations."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(common))
+    stub = next(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == "_ParamFields")
+    stubbed = {n.target.id: ast.unparse(n.annotation) for n in stub.body if isinstance(n, ast.AnnAssign)}
+    generated = common.ESampLangChainMixin.model_fields
+    assert list(stubbed) == list(param_names())
+    for name, annotation in stubbed.items():
+        runtime = generated[name].annotation
+        assert annotation == getattr(runtime, "__name__", None) or annotation == str(runtime), name

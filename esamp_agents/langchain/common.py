@@ -13,7 +13,7 @@ import math
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from langchain_core.caches import BaseCache
 from langchain_core.globals import get_llm_cache
@@ -140,14 +140,40 @@ def _param_field(name: str) -> tuple[Any, Any]:
     return annotation, Field(default=default, description=spec.doc, validation_alias=alias)
 
 
-_ParamFields: type[BaseModel] = create_model(  # type: ignore[call-overload]
-    "ESampParamFields",
-    __doc__="The ESamp/sampling fields, one per row of PARAMS.",
-    **{spec.name: _param_field(spec.name) for spec in PARAMS},
-)
+if TYPE_CHECKING:
+
+    class _ParamFields(BaseModel):
+        """What type checkers and IDEs see; at run time the fields are generated from PARAMS
+        (a unit test checks these names and types match the table)."""
+
+        n: int
+        max_tokens: int
+        temperature: float
+        top_k: int
+        top_p: float
+        min_p: float
+        stop: list[str] | None
+        seed: int | None
+        top_logprobs: int
+        ignore_eos: bool
+        beta: float
+        distiller_width: int
+        distiller_lr: float
+        adam_eps: float
+        grad_clip: float
+        warm_start_steps: int
+        warm_start_lr: float
+        shared_distiller: bool
+
+else:
+    _ParamFields = create_model(
+        "ESampParamFields",
+        __doc__="The ESamp/sampling fields, one per row of PARAMS.",
+        **{spec.name: _param_field(spec.name) for spec in PARAMS},
+    )
 
 
-class ESampLangChainMixin(_ParamFields):  # type: ignore[misc, valid-type]
+class ESampLangChainMixin(_ParamFields):
     """Fields and helpers shared by ``ESampLLM`` and ``ChatESamp``.
 
     The ESamp/sampling fields are generated, one per row of
