@@ -191,3 +191,87 @@ def test_left_padding_does_not_change_greedy_output(engine: ESampEngine) -> None
     alone = engine.generate(["The sky is"], greedy, PLAIN)[0].candidates[0].token_ids
     batched = engine.generate(["Write one long sentence about the history of Rome:", "The sky is"], greedy, PLAIN)
     assert batched[1].candidates[0].token_ids == alone
+
+
+# --------------------------------------------------------------------------- the decode loop's refactor pins
+
+
+def _outputs(result) -> list[tuple]:
+    """Everything a candidate carries, comparable with == (the first novelty is NaN)."""
+    return [
+        (c.token_ids, c.logprobs, c.novelty and c.novelty[1:], c.finish_reason, c.text, pr.distiller_loss)
+        for pr in result
+        for c in pr.candidates
+    ]
+
+
+def test_seeded_esamp_tokens_are_pinned(engine: ESampEngine, embedded) -> None:
+    """Seeded ESamp with the defaults (warm start included) samples the tokens the loop sampled
+    before it was split into prefill/step/finish. Re-record if torch's CPU kernels change."""
+    ids = embedded.chat_token_ids([{"role": "user", "content": "What is 17 * 23? Think step by step."}])
+    out = engine.generate([ids], SamplingParams(n=4, max_new_tokens=12, seed=5), ESampParams())
+    assert [c.token_ids for c in out[0].candidates] == [
+        [2068, 7529, 216, 33, 39, 1672, 216, 34, 35, 28, 1066, 623],
+        [2068, 7529, 216, 33, 39, 1672, 216, 34, 35, 28, 1066, 623],
+        [33, 39, 1672, 216, 34, 35, 446, 216, 35, 40, 33, 198],
+        [2068, 5482, 451, 28, 339, 523, 1477, 260, 4953, 282, 17385, 411],
+    ]
+    assert out[0].candidates[0].logprobs[:2] == pytest.approx([-1.2011, -1.0729], abs=1e-4)
+
+
+def test_sparse_projection_equals_dense(engine: ESampEngine) -> None:
+    g = torch.Generator().manual_seed(2)
+    error = torch.randn(3, engine.loaded.hidden_size, generator=g)
+    ids = torch.randint(0, engine.loaded.vocab_size, (3, 40), generator=g)
+    dense = torch.nn.functional.linear(error, engine._head_weight).gather(-1, ids)
+    torch.testing.assert_close(engine._project(error, ids), dense, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(engine._project(error, None), torch.nn.functional.linear(error, engine._head_weight))
+
+
+def test_rare_live_checks_and_text_tracking_change_nothing(engine: ESampEngine, embedded, chat_prompt: str) -> None:
+    """Asking the device whether rows are live only every k steps, or reading it from the host
+    copy that text tracking keeps, gives the very same candidates, steps and token counts."""
+    sp = SamplingParams(n=3, max_new_tokens=40, seed=0)
+    colour = embedded.apply_chat_template([{"role": "user", "content": "Name one colour. Answer with one word."}])
+    prompts = [chat_prompt, colour]
+    every_step = engine.generate(prompts, sp, ESampParams(), add_special_tokens=False)
+    assert every_step.stats.decode_steps < 35  # every row ended early: the rare check runs steps past that
+    engine._live_check_every = 7
+    try:
+        rarely = engine.generate(prompts, sp, ESampParams(), add_special_tokens=False)
+    finally:
+        engine._live_check_every = None
+    tracked = engine.generate(prompts, sp, ESampParams(), add_special_tokens=False, on_text=lambda p, s, t: None)
+    for other in (rarely, tracked):
+        assert _outputs(other) == _outputs(every_step)
+        assert other.stats.decode_steps == every_step.stats.decode_steps
+        assert other.stats.generated_tokens == every_step.stats.generated_tokens
+
+
+def test_row_constraint_masks_before_the_filters_and_finishes_rows(engine: ESampEngine) -> None:
+    """The seam for constrained decoding: a forbidden token never comes back through ESamp's
+    fusion, and a constraint can finish a row."""
+    from esamp_agents.decoding.state import DecodeState
+
+    allowed_ids = (11, 12)
+
+    class TwoTokensThenDone:
+        def __init__(self) -> None:
+            self.steps = 0
+
+        def allowed(self, state: DecodeState) -> torch.Tensor:
+            mask = torch.zeros(state.rows, engine.loaded.vocab_size, dtype=torch.bool)
+            mask[:, list(allowed_ids)] = True
+            return mask
+
+        def advance(self, tokens: torch.Tensor, live: torch.Tensor) -> torch.Tensor | None:
+            self.steps += 1
+            return torch.full_like(live, self.steps >= 5)
+
+    encoded = [engine.tokenize("Once upon a time")]
+    sp = SamplingParams(n=3, max_new_tokens=10, seed=1, top_k=50)
+    for esamp, on_text in ((ESampParams(beta=2.0), None), (PLAIN, None), (ESampParams(beta=2.0), lambda p, s, t: None)):
+        with engine.loaded.lock, torch.no_grad():
+            out = engine._decode(encoded, sp, esamp, (), on_text, None, constraints=[TwoTokensThenDone()])
+        for c in out[0].candidates:
+            assert len(c.token_ids) == 5 and set(c.token_ids) <= set(allowed_ids)

@@ -6,12 +6,18 @@ states any :class:`DecodeObserver` asked for. Logits are computed here from the
 final hidden state, so ESamp's bonus is projected through the LM head only for
 the tokens that survive the sampling filters (see :mod:`esamp_agents.decoding.sampling`).
 
-Per step, in the paper's synchronous order: Distiller predicts -> fuse ->
-sample -> one Adam step on this step's live rows.
+The loop reads top to bottom (:meth:`ESampEngine._decode`): prefill, then per new
+token feed -> sample -> record -> retire, around one
+:class:`~esamp_agents.decoding.state.DecodeState`. Per step, in the paper's
+synchronous order: Distiller predicts -> fuse -> sample -> one Adam step on this
+step's live rows. The step asks the device nothing it does not need: each host read
+of a device value waits for all queued work, so the accelerator would idle while the
+host launches the next step.
 """
 
 from __future__ import annotations
 
+import inspect
 import queue
 import threading
 import time
@@ -28,13 +34,19 @@ from esamp_agents.decoding.loading import LoadedModel, load_model
 from esamp_agents.decoding.observers import DecodeObserver
 from esamp_agents.decoding.params import ESampParams, SamplingParams
 from esamp_agents.decoding.results import Candidate, GenerationResult, GenerationStats, PromptResult
-from esamp_agents.decoding.sampling import Candidates, filter_candidates, sample_positions
+from esamp_agents.decoding.sampling import NEG_INF, Candidates, filter_candidates, sample_positions
+from esamp_agents.decoding.state import DecodeState, Request, RowConstraint
 from esamp_agents.decoding.text_tracking import TextTracker, cut_at_stop
 
 TextCallback = Callable[[int, int, str], None]
 
-# Above this share of the vocabulary, one dense projection is cheaper than gathering rows.
+# When the candidates of all rows together number more than this share of the vocabulary,
+# one dense projection reads less of the LM head than gathering each row's candidates.
 DENSE_PROJECTION_SHARE = 0.5
+# Without text tracking, an accelerator is asked "is any row still live?" only every this many
+# steps: at most this many minus one steps run after the last row finished (their outputs are
+# dropped: every row's outputs are cut at its length). On the CPU the question costs nothing.
+LIVE_CHECK_EVERY = 8
 
 
 def _repeat_cache_rows(cache: Any, n: int) -> None:
@@ -48,6 +60,17 @@ def _repeat_cache_rows(cache: Any, n: int) -> None:
             layer.keys = layer.keys.repeat_interleave(n, dim=0)
             layer.values = layer.values.repeat_interleave(n, dim=0)
             layer.batch_size = layer.keys.shape[0]
+
+
+def _cache_argument(model: Any) -> str:
+    """The name a model's forward takes its KV cache by: recent transformers (5.24 here) renamed
+    ``past_key_values`` to ``cache`` and warn on the old name (removed in 5.40); older releases
+    only know the old one, so the range in pyproject.toml stays as it is."""
+    try:
+        parameters = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover - an uninspectable forward
+        return "past_key_values"
+    return "cache" if "cache" in parameters else "past_key_values"
 
 
 @dataclass
@@ -75,6 +98,8 @@ class ESampEngine:
         self._head_weight: torch.Tensor = head.weight
         self._head_bias: torch.Tensor | None = getattr(head, "bias", None)
         self._softcap: float | None = getattr(self.loaded.config, "final_logit_softcapping", None)
+        self._cache_name = _cache_argument(self._base)
+        self._live_check_every: int | None = None  # None: every step on the CPU, LIVE_CHECK_EVERY elsewhere
 
     # ------------------------------------------------------------------ inputs
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -136,19 +161,17 @@ class ESampEngine:
             return torch.tanh(logits / self._softcap) * self._softcap
         return logits
 
-    def _project(self, error: torch.Tensor, ids: torch.Tensor | None, keep: torch.Tensor) -> torch.Tensor:
+    def _project(self, error: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
         """W . error for each row's candidate tokens, without a full vocabulary pass when
-        the filters leave few candidates (the union of survivors is projected once)."""
+        the filters leave few candidates. Shapes alone pick the path (no data-dependent
+        size such as a union of survivors, which would make the host wait for the device)."""
         weight = self._head_weight
         error = error.to(weight.dtype)
-        if ids is None:
-            return F.linear(error, weight).float()
-        union = torch.unique(ids[keep])
-        if union.numel() > DENSE_PROJECTION_SHARE * weight.shape[0]:
-            return F.linear(error, weight).float().gather(-1, ids)
-        projected = F.linear(error, weight.index_select(0, union)).float()  # [rows, |union|]
-        where = torch.searchsorted(union, ids).clamp(max=union.numel() - 1)
-        return projected.gather(-1, where)
+        if ids is None or ids.numel() > DENSE_PROJECTION_SHARE * weight.shape[0]:
+            dense = F.linear(error, weight).float()
+            return dense if ids is None else dense.gather(-1, ids)
+        rows_w = weight.index_select(0, ids.flatten()).view(*ids.shape, -1)  # [rows, k, d]
+        return torch.bmm(rows_w, error.unsqueeze(-1)).squeeze(-1).float()
 
     def _fuse(
         self, raw_logits: torch.Tensor, cands: Candidates, error: torch.Tensor, beta: float, temperature: float
@@ -159,7 +182,7 @@ class ESampEngine:
         LM-head bias cancels. Both terms are divided by the temperature.
         """
         keep = torch.isfinite(cands.scores)
-        bonus = self._project(error, cands.ids, keep)
+        bonus = self._project(error, cands.ids)
         if self._softcap:  # Gemma-2 style capped logits: fuse before the cap
             raw = raw_logits if cands.ids is None else raw_logits.gather(-1, cands.ids)
             fused = self._cap(raw + beta * bonus) / temperature
@@ -176,15 +199,19 @@ class ESampEngine:
         except (TypeError, ValueError, NotImplementedError):  # architectures without static-cache support
             return None
 
-    def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any) -> Any:
-        return self._base(
+    def _forward(
+        self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any
+    ) -> tuple[Any, tuple[torch.Tensor, ...]]:
+        """One model call: (the KV cache to pass next time, every layer's hidden states)."""
+        out = self._base(
             input_ids=input_ids,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=cache,
             use_cache=True,
             output_hidden_states=True,
+            **{self._cache_name: cache},
         )
+        return getattr(out, self._cache_name), out.hidden_states
 
     # ------------------------------------------------------------------ main loop
     def generate(
@@ -219,40 +246,64 @@ class ESampEngine:
         observers: Sequence[DecodeObserver],
         on_text: TextCallback | None,
         cancel: threading.Event | None,
+        constraints: Sequence[RowConstraint] = (),
     ) -> GenerationResult:
+        """Prefill, then one step per new token until every row has finished, then build the results."""
+        state = self._prefill(encoded, sampling, esamp, observers, on_text, constraints)
+        for obs in observers:
+            obs.on_start(len(encoded), sampling.n, self.loaded.hidden_size)
+        every = self._live_check_every or (1 if self.loaded.device.type == "cpu" else LIVE_CHECK_EVERY)
+        t1 = time.perf_counter()
+        for step in range(sampling.max_new_tokens):
+            tokens, logits, loss = self._sample(state, sampling, esamp)
+            self._record(state, tokens, logits, loss, sampling, observers)
+            self._retire(state, tokens, on_text, sampling.n)
+            last = step + 1 == sampling.max_new_tokens
+            if last or self._all_finished(state, every) or (cancel is not None and cancel.is_set()):
+                break
+            self._feed(state, tokens)
+        decode_seconds = time.perf_counter() - t1
+        for obs in observers:
+            obs.on_finish()
+        return self._finish(state, sampling, on_text, decode_seconds)
+
+    # ------------------------------------------------------------------ prefill
+    def _prefill(
+        self,
+        encoded: list[list[int]],
+        sampling: SamplingParams,
+        esamp: ESampParams,
+        observers: Sequence[DecodeObserver],
+        on_text: TextCallback | None,
+        constraints: Sequence[RowConstraint],
+    ) -> DecodeState:
+        """Prefill the P prompts once (left padding), build the Distillers, then repeat the cache N times."""
         loaded = self.loaded
         device = loaded.device
         n, num_prompts = sampling.n, len(encoded)
-        rows = num_prompts * n
-        d = loaded.hidden_size
-        pad = loaded.pad_token_id
-        greedy = sampling.greedy
-        use_esamp = esamp.enabled and not greedy
+        rows, d, pad = num_prompts * n, loaded.hidden_size, loaded.pad_token_id
         seed = sampling.seed if sampling.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
         generator = torch.Generator(device=device).manual_seed(seed)
-        eos = torch.tensor([-1] if sampling.ignore_eos else (loaded.eos_token_ids or [-1]), device=device)
+        eos_ids = frozenset([-1] if sampling.ignore_eos else (loaded.eos_token_ids or [-1]))
         n_states = loaded.num_layers + 1
-        obs_layers = sorted({layer % n_states for obs in observers for layer in obs.layers})
+        taps = {1, n_states - 1, *(layer % n_states for obs in observers for layer in obs.layers)}
         tracker = TextTracker(loaded.tokenizer, rows, sampling.stop, streaming=on_text is not None)
 
-        # ---- prefill the P prompts once (left padding), then repeat the cache N times
         t0 = time.perf_counter()
         max_len = max(len(ids) for ids in encoded)
         input_ids = torch.full((num_prompts, max_len), pad, dtype=torch.long, device=device)
-        total_len = max_len + sampling.max_new_tokens
-        mask = torch.zeros((num_prompts, total_len), dtype=torch.long, device=device)
+        mask = torch.zeros((num_prompts, max_len + sampling.max_new_tokens), dtype=torch.long, device=device)
         for i, ids in enumerate(encoded):
             input_ids[i, max_len - len(ids) :] = torch.tensor(ids, device=device)
             mask[i, max_len - len(ids) :] = 1  # generated positions are always attended
         prefill_mask = mask[:, :max_len]
         positions = (prefill_mask.cumsum(-1) - 1).clamp(min=0)
-        out = self._forward(input_ids, prefill_mask, positions, self._new_cache(total_len))
-        cache, hidden_states = out.past_key_values, out.hidden_states
+        cache, hidden_states = self._forward(input_ids, prefill_mask, positions, self._new_cache(mask.shape[1]))
 
         distiller: BatchedDistiller | None = None
         groups = 1 if esamp.shared_distiller else num_prompts  # Distillers: one per prompt, or one for all
         distiller_seconds = 0.0
-        if use_esamp:
+        if esamp.enabled and not sampling.greedy:
             t_d = time.perf_counter()
             init_gen = torch.Generator().manual_seed(seed ^ 0x5EED)
             distiller = BatchedDistiller(groups, d, esamp, device=device, generator=init_gen)
@@ -266,172 +317,208 @@ class ESampEngine:
                 )
             distiller_seconds += time.perf_counter() - t_d
 
-        last = {i: hidden_states[i][:, -1].repeat_interleave(n, 0) for i in {1, n_states - 1, *obs_layers}}
+        hidden = {i: hidden_states[i][:, -1].repeat_interleave(n, 0) for i in taps}
         if n > 1:
             _repeat_cache_rows(cache, n)
-        mask = mask.repeat_interleave(n, 0)
-        next_pos = positions[:, -1].repeat_interleave(n, 0) + 1
-        del out, hidden_states
-        prefill_seconds = time.perf_counter() - t0
-
-        for obs in observers:
-            obs.on_start(num_prompts, n, d)
-
-        live = torch.ones(rows, dtype=torch.bool, device=device)
-        stopped_by_string = torch.zeros(rows, dtype=torch.bool, device=device)
-        lengths = torch.zeros(rows, dtype=torch.long, device=device)
-        step_tokens: list[torch.Tensor] = []
-        step_logprobs: list[torch.Tensor] = []
-        step_top: list[tuple[torch.Tensor, torch.Tensor]] = []
-        step_novelty: list[torch.Tensor] = []
-        step_loss: list[torch.Tensor] = []
-        want_top = sampling.top_logprobs
-
-        next_input = torch.full((rows,), pad, dtype=torch.long, device=device)
-        t1 = time.perf_counter()
-        steps = 0
-        for step in range(sampling.max_new_tokens):
-            if step > 0:
-                out = self._forward(next_input.unsqueeze(-1), mask[:, : max_len + step], next_pos.unsqueeze(-1), cache)
-                cache = out.past_key_values
-                last = {i: out.hidden_states[i][:, -1] for i in {1, n_states - 1, *obs_layers}}
-                next_pos = next_pos + 1
-                del out
-            h_final = last[n_states - 1]
-            raw_logits = self._logits(h_final)
-            logits = self._cap(raw_logits)
-
-            loss = None
-            if greedy:
-                tokens = logits.argmax(-1)
-            else:
-                cands = filter_candidates(logits, sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p)
-                scores = cands.scores
-                if distiller is not None and step > 0:
-                    t_d = time.perf_counter()
-                    pred, novelty, loss = distiller.predict_and_loss(
-                        last[1].float().view(groups, -1, d),
-                        h_final.float().view(groups, -1, d),
-                        live.view(groups, -1),
-                    )
-                    error = h_final.float() - pred.detach().view(rows, d)
-                    scores = self._fuse(raw_logits, cands, error, esamp.beta, sampling.temperature)
-                    step_novelty.append(novelty.view(rows))
-                    distiller_seconds += time.perf_counter() - t_d
-                tokens = cands.vocab_ids(sample_positions(scores, generator))
-
-            log_z = torch.logsumexp(logits, dim=-1, keepdim=True)
-            step_logprobs.append((logits.gather(-1, tokens.unsqueeze(-1)) - log_z).squeeze(-1))
-            if want_top:
-                top_values, top_ids = logits.topk(want_top, dim=-1)
-                step_top.append((top_ids, top_values - log_z))
-            step_tokens.append(tokens)
-            for obs in observers:
-                obs.on_step(step, {layer: last[layer % n_states] for layer in obs.layers}, tokens, live)
-
-            if loss is not None and distiller is not None:
-                t_d = time.perf_counter()
-                distiller.step(loss)
-                step_loss.append(loss.detach())
-                distiller_seconds += time.perf_counter() - t_d
-
-            lengths += live
-            finished = live & torch.isin(tokens, eos)
-            if tracker.active:
-                self._track_text(tracker, tokens, live, finished, stopped_by_string, on_text, n)
-                finished |= stopped_by_string
-            live = live & ~finished
-            steps = step + 1
-            if not bool(live.any()) or (cancel is not None and cancel.is_set()):
-                break
-            next_input = torch.where(live, tokens, torch.full_like(tokens, pad))
-
-        decode_seconds = time.perf_counter() - t1
-        for obs in observers:
-            obs.on_finish()
-
-        results = self._collect(
-            encoded, sampling, tracker, on_text, lengths, stopped_by_string,
-            step_tokens, step_logprobs, step_top, step_novelty, step_loss, use_esamp,
-        )  # fmt: skip
-        stats = GenerationStats(
-            prompts=num_prompts,
-            samples_per_prompt=n,
-            decode_steps=steps,
-            generated_tokens=int(lengths.sum().item()),
-            prefill_seconds=prefill_seconds,
-            decode_seconds=decode_seconds,
+        del hidden_states
+        return DecodeState(
+            requests=[Request(i, ids, range(i * n, (i + 1) * n)) for i, ids in enumerate(encoded)],
+            cache=cache,
+            mask=mask.repeat_interleave(n, 0),
+            positions=positions[:, -1].repeat_interleave(n, 0) + 1,
+            width=max_len,
+            hidden=hidden,
+            generator=generator,
+            eos_ids=eos_ids,
+            eos=torch.tensor(sorted(eos_ids), device=device),
+            tracker=tracker,
+            distiller=distiller,
+            groups=groups,
+            live=torch.ones(rows, dtype=torch.bool, device=device),
+            lengths=torch.zeros(rows, dtype=torch.long, device=device),
+            stopped_by_string=torch.zeros(rows, dtype=torch.bool, device=device),
+            host_live=[True] * rows if tracker.active else None,
+            constraints=tuple(constraints),
+            prefill_seconds=time.perf_counter() - t0,
             distiller_seconds=distiller_seconds,
         )
-        return GenerationResult(results=results, stats=stats)
 
-    @staticmethod
-    def _track_text(
-        tracker: TextTracker,
+    # ------------------------------------------------------------------ one step
+    def _feed(self, state: DecodeState, tokens: torch.Tensor) -> None:
+        """Run the model on the tokens just sampled (pad for finished rows); keep the tapped states."""
+        next_input = torch.where(state.live, tokens, torch.full_like(tokens, self.loaded.pad_token_id))
+        state.width += 1
+        state.cache, hidden_states = self._forward(
+            next_input.unsqueeze(-1), state.mask[:, : state.width], state.positions.unsqueeze(-1), state.cache
+        )
+        state.hidden = {i: hidden_states[i][:, -1] for i in state.hidden}
+        state.positions = state.positions + 1
+        state.step += 1
+
+    def _sample(
+        self, state: DecodeState, sampling: SamplingParams, esamp: ESampParams
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """logits -> row constraints -> filters -> ESamp fusion on the survivors -> one token per row.
+
+        Returns (tokens, the logits the log-probabilities are read from, this step's Distiller loss).
+        """
+        h_final = state.hidden[self.loaded.num_layers]
+        raw_logits = self._logits(h_final)
+        logits = self._cap(raw_logits)
+        for constraint in state.constraints:  # before the filters: fusion only touches finite survivors
+            logits = logits.masked_fill(~constraint.allowed(state), NEG_INF)
+        if sampling.greedy:
+            return logits.argmax(-1), logits, None
+        cands = filter_candidates(logits, sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p)
+        scores, loss = cands.scores, None
+        if state.distiller is not None and state.step > 0:
+            t_d = time.perf_counter()
+            groups, d = state.groups, self.loaded.hidden_size
+            pred, novelty, loss = state.distiller.predict_and_loss(
+                state.hidden[1].float().view(groups, -1, d),
+                h_final.float().view(groups, -1, d),
+                state.live.view(groups, -1),
+            )
+            error = h_final.float() - pred.detach().view(state.rows, d)
+            scores = self._fuse(raw_logits, cands, error, esamp.beta, sampling.temperature)
+            state.record.novelty.append(novelty.view(state.rows))
+            state.distiller_seconds += time.perf_counter() - t_d
+        return cands.vocab_ids(sample_positions(scores, state.generator)), logits, loss
+
+    def _record(
+        self,
+        state: DecodeState,
         tokens: torch.Tensor,
-        live: torch.Tensor,
-        finished: torch.Tensor,
-        stopped_by_string: torch.Tensor,
+        logits: torch.Tensor,
+        loss: torch.Tensor | None,
+        sampling: SamplingParams,
+        observers: Sequence[DecodeObserver],
+    ) -> None:
+        """Keep the step's outputs (on the device), tell the observers, train the Distiller one step."""
+        record = state.record
+        log_z = torch.logsumexp(logits, dim=-1, keepdim=True)
+        record.logprobs.append((logits.gather(-1, tokens.unsqueeze(-1)) - log_z).squeeze(-1))
+        if sampling.top_logprobs:
+            top_values, top_ids = logits.topk(sampling.top_logprobs, dim=-1)
+            record.top.append((top_ids, top_values - log_z))
+        record.tokens.append(tokens)
+        n_states = self.loaded.num_layers + 1
+        for obs in observers:
+            obs.on_step(state.step, {layer: state.hidden[layer % n_states] for layer in obs.layers}, tokens, state.live)
+        if loss is not None and state.distiller is not None:
+            t_d = time.perf_counter()
+            state.distiller.step(loss)
+            record.loss.append(loss.detach())
+            state.distiller_seconds += time.perf_counter() - t_d
+
+    def _retire(self, state: DecodeState, tokens: torch.Tensor, on_text: TextCallback | None, n: int) -> None:
+        """Rows that just emitted an end token, completed a stop string or satisfied a constraint finish."""
+        state.lengths += state.live
+        finished = state.live & torch.isin(tokens, state.eos)
+        for constraint in state.constraints:
+            done = constraint.advance(tokens, state.live)
+            if done is not None:
+                finished |= state.live & done
+        if state.host_live is not None:
+            host_done = finished.tolist() if state.constraints else None
+            stopped = self._track_text(state, tokens, host_done, on_text, n)
+            if stopped is not None:
+                finished |= stopped
+        state.live = state.live & ~finished
+
+    def _all_finished(self, state: DecodeState, every: int) -> bool:
+        """Whether no row is live. From the host copy when there is one; otherwise the device
+        is asked only every ``every`` steps (each ask waits for the queued work to finish)."""
+        if state.host_live is not None:
+            return not any(state.host_live)
+        if (state.step + 1) % every:
+            return False
+        return not bool(state.live.any())
+
+    def _track_text(
+        self,
+        state: DecodeState,
+        tokens: torch.Tensor,
+        host_done: list[bool] | None,
         on_text: TextCallback | None,
         n: int,
-    ) -> None:
-        """Host-side text work, only for requests with stop strings or a listener."""
+    ) -> torch.Tensor | None:
+        """Host-side text work, only for requests with stop strings or a listener.
+
+        End tokens are recognised on the host (the tokens are here anyway), so the only
+        device traffic is the token read and, on a step where a stop string completes,
+        one write of the rows it ended (returned as a ``[rows]`` mask; None otherwise).
+        """
         host_tokens = tokens.tolist()
-        host_live = live.tolist()
-        host_finished = finished.tolist()
+        host_live, tracker, eos = state.host_live, state.tracker, state.eos_ids
+        assert host_live is not None
+        stopped: list[int] = []
         for row, is_live in enumerate(host_live):
             if not is_live:
                 continue
-            if tracker.push(row, host_tokens[row]) and not host_finished[row]:
-                stopped_by_string[row] = True
-            elif on_text is not None and not host_finished[row]:
+            token = host_tokens[row]
+            ended = token in eos or (host_done is not None and host_done[row])
+            if tracker.push(row, token) and not ended:
+                stopped.append(row)
+                host_live[row] = False
+            elif ended:
+                host_live[row] = False
+            elif on_text is not None:
                 delta = tracker.delta(row)
                 if delta:
                     on_text(row // n, row % n, delta)
+        if not stopped:
+            return None
+        mask = torch.zeros(state.rows, dtype=torch.bool)
+        mask[stopped] = True
+        mask = mask.to(state.live.device)
+        state.stopped_by_string |= mask
+        return mask
+
+    # ------------------------------------------------------------------ finish
+    def _finish(
+        self, state: DecodeState, sampling: SamplingParams, on_text: TextCallback | None, decode_seconds: float
+    ) -> GenerationResult:
+        lengths = state.lengths.tolist()
+        results = self._collect(state, sampling, on_text, lengths)
+        stats = GenerationStats(
+            prompts=len(state.requests),
+            samples_per_prompt=sampling.n,
+            # every step ran with at least one live row, so the longest row counts the steps
+            decode_steps=max(lengths),
+            generated_tokens=sum(lengths),
+            prefill_seconds=state.prefill_seconds,
+            decode_seconds=decode_seconds,
+            distiller_seconds=state.distiller_seconds,
+        )
+        return GenerationResult(results=results, stats=stats)
 
     def _collect(
-        self,
-        encoded: list[list[int]],
-        sampling: SamplingParams,
-        tracker: TextTracker,
-        on_text: TextCallback | None,
-        lengths: torch.Tensor,
-        stopped_by_string: torch.Tensor,
-        step_tokens: list[torch.Tensor],
-        step_logprobs: list[torch.Tensor],
-        step_top: list[tuple[torch.Tensor, torch.Tensor]],
-        step_novelty: list[torch.Tensor],
-        step_loss: list[torch.Tensor],
-        use_esamp: bool,
+        self, state: DecodeState, sampling: SamplingParams, on_text: TextCallback | None, lengths: list[int]
     ) -> list[PromptResult]:
-        """Move everything to the host once and build the candidates."""
-        n = sampling.n
-        tokens = torch.stack(step_tokens, 1).tolist()  # [rows, steps]
-        logprobs = torch.stack(step_logprobs, 1).tolist()
-        lengths_host = lengths.tolist()
-        by_string = stopped_by_string.tolist()
+        """Move everything to the host once and build each request's candidates."""
+        record, tracker = state.record, state.tracker
+        tokens = torch.stack(record.tokens, 1).tolist()  # [rows, steps]
+        logprobs = torch.stack(record.logprobs, 1).tolist()
+        by_string = state.stopped_by_string.tolist()
         top_ids = top_lps = None
-        if step_top:
-            top_ids = torch.stack([t[0] for t in step_top], 1).tolist()  # [rows, steps, k]
-            top_lps = torch.stack([t[1] for t in step_top], 1).tolist()
+        if record.top:
+            top_ids = torch.stack([t[0] for t in record.top], 1).tolist()  # [rows, steps, k]
+            top_lps = torch.stack([t[1] for t in record.top], 1).tolist()
+        use_esamp = state.distiller is not None
         novelty = None
         if use_esamp:
             first = [float("nan")] * len(tokens)
-            later = torch.stack(step_novelty, 1).tolist() if step_novelty else [[] for _ in tokens]
+            later = torch.stack(record.novelty, 1).tolist() if record.novelty else [[] for _ in tokens]
             novelty = [[f, *rest] for f, rest in zip(first, later, strict=True)]
-        losses = torch.stack(step_loss, 1).tolist() if step_loss else [[] for _ in encoded]
-        if len(losses) == 1 < len(encoded):  # one shared Distiller: every prompt reports its curve
-            losses = losses * len(encoded)
+        losses = torch.stack(record.loss, 1).tolist() if record.loss else [[] for _ in range(state.groups)]
         eos = set(self.loaded.eos_token_ids)
 
         results: list[PromptResult] = []
-        for p, prompt_ids in enumerate(encoded):
+        for request in state.requests:
             candidates = []
-            steps_live = 0
-            for s in range(n):
-                row = p * n + s
-                length = lengths_host[row]
-                steps_live = max(steps_live, length)
+            for s, row in enumerate(request.rows):
+                length = lengths[row]
                 ids = tokens[row][:length]
                 text = tracker.decode(ids)
                 stop_seq = None
@@ -441,7 +528,7 @@ class ESampEngine:
                 if on_text is not None:
                     rest = tracker.delta(row, final_text=text)
                     if rest:
-                        on_text(p, s, rest)
+                        on_text(request.index, s, rest)
                 candidates.append(
                     Candidate(
                         index=s,
@@ -449,7 +536,7 @@ class ESampEngine:
                         token_ids=ids,
                         logprobs=logprobs[row][:length],
                         finish_reason="stop" if ended else "length",
-                        prompt_tokens=len(prompt_ids),
+                        prompt_tokens=len(request.prompt_ids),
                         top_logprobs=(
                             [
                                 list(zip(i, v, strict=True))
@@ -462,13 +549,15 @@ class ESampEngine:
                         stop_sequence=stop_seq,
                     )
                 )
+            # decode steps >= 1 while any of this request's rows was live; a shared Distiller's curve is everyone's
+            steps_live = max(lengths[row] for row in request.rows)
+            curve = losses[0 if state.groups == 1 else request.index]
             results.append(
                 PromptResult(
-                    prompt=tracker.decode(prompt_ids),
-                    prompt_token_ids=prompt_ids,
+                    prompt=tracker.decode(request.prompt_ids),
+                    prompt_token_ids=request.prompt_ids,
                     candidates=candidates,
-                    # decode steps >= 1 while any of this prompt's rows was live
-                    distiller_loss=losses[p][: max(steps_live - 1, 0)] if use_esamp else [],
+                    distiller_loss=curve[: max(steps_live - 1, 0)] if use_esamp else [],
                 )
             )
         return results

@@ -82,7 +82,13 @@ class TokenFeatureRecorder:
     candidate's features have exactly ``len(candidate.token_ids)`` rows. Features are
     stored on ``device`` (CPU by default, so long runs do not hold accelerator memory) in
     ``dtype`` (float16 halves the memory; use float32 for exact comparisons).
+
+    Steps are staged where the states are and moved ``FLUSH_EVERY`` at a time: picking the
+    live rows (a data-dependent size) and copying to the host both make the host wait for
+    the device, so doing it per step would stall the decode loop every step.
     """
+
+    FLUSH_EVERY = 16
 
     def __init__(
         self, spec: FeatureSpec, dtype: torch.dtype = torch.float16, device: str | torch.device = "cpu"
@@ -96,8 +102,9 @@ class TokenFeatureRecorder:
         self.device = torch.device(device)
         self._num_prompts = 0
         self._n = 0
-        self._chunks: list[Tensor] = []  # per step: [live rows, dim]
-        self._rows: list[Tensor] = []  # per step: the row index of each kept feature
+        self._chunks: list[Tensor] = []  # per flush: [live tokens, dim], step-major
+        self._rows: list[Tensor] = []  # per flush: the row index of each kept feature
+        self._staged: list[tuple[Tensor, Tensor]] = []  # unflushed steps: ([rows, dim], live [rows])
 
     def on_start(self, num_prompts: int, samples_per_prompt: int, hidden_size: int) -> None:
         if hidden_size != self.spec.hidden_size:
@@ -105,19 +112,30 @@ class TokenFeatureRecorder:
                 f"the model's hidden size is {hidden_size} but the feature spec has {self.spec.hidden_size}"
             )
         self._num_prompts, self._n = num_prompts, samples_per_prompt
-        self._chunks, self._rows = [], []
+        self._chunks, self._rows, self._staged = [], [], []
 
     def on_step(self, step: int, hidden: dict[int, Tensor], token_ids: Tensor, live: Tensor) -> None:
-        rows = live.nonzero().squeeze(-1)
-        x = _concat(hidden, self.layers).index_select(0, rows)
-        self._chunks.append(x.to(device=self.device, dtype=self.dtype))
-        self._rows.append(rows.to(self.device))
+        self._staged.append((_concat(hidden, self.layers), live))
+        if len(self._staged) >= self.FLUSH_EVERY:
+            self._flush()
 
     def on_finish(self) -> None:
-        pass
+        self._flush()
+
+    def _flush(self) -> None:
+        """Keep the live rows of the staged steps (in step order) on ``device``."""
+        if not self._staged:
+            return
+        x = torch.stack([s[0] for s in self._staged])  # [steps, rows, dim]
+        live = torch.stack([s[1] for s in self._staged])  # [steps, rows]
+        self._staged = []
+        where = live.nonzero()  # (step, row) pairs, step-major
+        self._chunks.append(x[where[:, 0], where[:, 1]].to(device=self.device, dtype=self.dtype))
+        self._rows.append(where[:, 1].to(self.device))
 
     def features(self) -> list[list[Tensor]]:
         """``[prompt][sample]`` -> ``[T_i, dim]``, ``T_i == len(candidate.token_ids)``."""
+        self._flush()
         total_rows = self._num_prompts * self._n
         if not self._chunks:
             empty = torch.zeros((0, self.spec.dim), dtype=self.dtype, device=self.device)

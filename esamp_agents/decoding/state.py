@@ -1,0 +1,101 @@
+"""What one batched decode carries from step to step.
+
+The engine's loop is prefill -> (step)* -> finish around one :class:`DecodeState`.
+Everything the loop mutates lives here, so a step is a function of the state, and
+two planned extensions have a place to go without another rewrite:
+
+* **Constrained decoding** (a grammar matcher per row): ``DecodeState.constraints``
+  holds :class:`RowConstraint` objects. Each step, their allowed-token masks are
+  applied to the logits *before* the sampling filters, so a forbidden token is
+  ``-inf`` among the filter survivors and ESamp's fusion (which only touches
+  finite survivors) can never bring it back; after sampling, a constraint may
+  finish rows (the grammar accepts). No constraint ships yet; the list is empty.
+* **Continuous batching** (requests joining after their own prefill, leaving when
+  finished): rows are grouped per :class:`Request` (its prompt, its rows), and the
+  results are built per request. Today one call's requests share one
+  :class:`~esamp_agents.decoding.params.SamplingParams`, generator and (batched)
+  Distiller, and rows are fixed for the whole call; a scheduler would move those
+  onto ``Request`` and compact the row tensors between steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from esamp_agents.decoding.distiller import BatchedDistiller
+from esamp_agents.decoding.text_tracking import TextTracker
+
+
+@runtime_checkable
+class RowConstraint(Protocol):
+    """A per-row restriction of the next token (the seam for grammar-constrained decoding)."""
+
+    def allowed(self, state: DecodeState) -> torch.Tensor:
+        """``[rows, vocab]`` bool, True where a row may emit the token this step (at least one per live row)."""
+
+    def advance(self, tokens: torch.Tensor, live: torch.Tensor) -> torch.Tensor | None:
+        """Consume this step's tokens; return ``[rows]`` bool of rows that are now complete, or None."""
+
+
+@dataclass
+class Request:
+    """One prompt and the batch rows that sample its candidates (``rows[s]`` is sample ``s``)."""
+
+    index: int
+    prompt_ids: list[int]
+    rows: range
+
+
+@dataclass
+class StepRecord:
+    """Per-step outputs, kept on the device and moved to the host once, when the decode ends."""
+
+    tokens: list[torch.Tensor] = field(default_factory=list)  # [rows] each
+    logprobs: list[torch.Tensor] = field(default_factory=list)  # [rows]
+    top: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # ([rows, k] ids, [rows, k] logprobs)
+    novelty: list[torch.Tensor] = field(default_factory=list)  # [rows], from step 1 on (ESamp only)
+    loss: list[torch.Tensor] = field(default_factory=list)  # [groups], from step 1 on (ESamp only)
+
+
+@dataclass
+class DecodeState:
+    """The batch between two steps: model inputs, row status, sampling state and outputs so far.
+
+    ``hidden[layer]`` holds the states (``[rows, d]``) that produce this step's token;
+    ``positions`` is the position the sampled token will be fed at and ``width`` the
+    number of mask columns the cache covers so far.
+    """
+
+    requests: list[Request]
+    cache: Any
+    mask: torch.Tensor  # [rows, prompt width + max_new_tokens]; generated positions are always 1
+    positions: torch.Tensor  # [rows]
+    width: int
+    hidden: dict[int, torch.Tensor]
+    generator: torch.Generator
+    eos_ids: frozenset[int]  # ids that end a row ({-1} when none do)
+    eos: torch.Tensor  # the same ids on the device
+    tracker: TextTracker
+    distiller: BatchedDistiller | None
+    groups: int  # Distiller groups: one per request, or one shared
+    live: torch.Tensor  # [rows] bool: the row's next token still belongs to its candidate
+    lengths: torch.Tensor  # [rows] tokens generated per row
+    stopped_by_string: torch.Tensor  # [rows] bool
+    # Host copy of ``live``, kept when tokens come to the host anyway (text tracking), so
+    # "is anything still live?" costs no device sync; None otherwise.
+    host_live: list[bool] | None = None
+    constraints: tuple[RowConstraint, ...] = ()
+    record: StepRecord = field(default_factory=StepRecord)
+    step: int = 0
+    prefill_seconds: float = 0.0
+    distiller_seconds: float = 0.0
+
+    @property
+    def rows(self) -> int:
+        return int(self.live.shape[0])
+
+
+__all__ = ["DecodeState", "Request", "RowConstraint", "StepRecord"]
