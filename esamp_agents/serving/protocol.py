@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from esamp_agents.decoding.params import MAX_TOP_LOGPROBS, ESampParams, SamplingParams, param_keys
+from esamp_agents.messages import ROLES
 
 DEFAULT_MAX_TOKENS = 256
 MAX_N = 128
@@ -48,7 +49,8 @@ _CHAT_ONLY = frozenset(
     }
 )  # fmt: skip
 _COMPLETION_ONLY = frozenset({"prompt", "echo", "suffix", "best_of"})
-_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
+# The roles OpenAI's chat API takes, mapped as everywhere else in the package (esamp_agents.messages).
+_ROLES = {role: ROLES[role] for role in ("system", "developer", "user", "assistant", "tool")}
 
 
 class RequestError(Exception):
