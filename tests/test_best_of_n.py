@@ -5,20 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import math
-import threading
-import time
 from typing import Any
 
 import pytest
-from langchain_core.callbacks import BaseCallbackHandler
-from langchain_core.language_models import BaseChatModel
 from langchain_core.language_models.fake import FakeListLLM
 from langchain_core.language_models.fake_chat_models import FakeListChatModel
-from langchain_core.messages import AIMessage, BaseMessage
+from langchain_core.messages import AIMessage
 from langchain_core.output_parsers import StrOutputParser
-from langchain_core.outputs import ChatGeneration, ChatResult
 from langchain_core.prompts import ChatPromptTemplate
-from pydantic import Field
 
 from esamp_agents.selection.best_of_n import (
     BestOfN,
@@ -27,99 +21,9 @@ from esamp_agents.selection.best_of_n import (
     default_answer_extractor,
 )
 from esamp_agents.selection.rewards import CallableReward, RewardError, ScoredCandidate
+from tests.fakes import NChat, Recorder, SlowChat
 
 # --------------------------------------------------------------------------- fakes
-
-
-class NChat(BaseChatModel):
-    """Like ChatOpenAI: an ``n`` field, N replies per call. Call ``k`` returns ``rounds[k]``."""
-
-    rounds: list[list[str]]
-    n: int = 1
-    calls: list[dict[str, Any]] = Field(default_factory=list)
-
-    @property
-    def _llm_type(self) -> str:
-        return "n-chat"
-
-    def _generate(
-        self, messages: list[BaseMessage], stop: Any = None, run_manager: Any = None, **kw: Any
-    ) -> ChatResult:
-        n = kw.get("n", self.n)
-        replies = self.rounds[min(len(self.calls), len(self.rounds) - 1)]
-        self.calls.append(dict(kw))
-        gens = [
-            ChatGeneration(message=AIMessage(replies[i % len(replies)]), generation_info={"finish_reason": "stop"})
-            for i in range(n)
-        ]
-        return ChatResult(generations=gens)
-
-
-class SlowChat(BaseChatModel):
-    """One reply per call, slowly; records the peak number of calls in flight (sync and async)."""
-
-    delay: float = 0.05
-    fail: bool = False
-    active: int = 0
-    peak: int = 0
-    count: int = 0
-
-    @property
-    def _llm_type(self) -> str:
-        return "slow-chat"
-
-    def _enter(self) -> int:
-        with _LOCK:
-            self.active += 1
-            self.peak = max(self.peak, self.active)
-            self.count += 1
-            return self.count
-
-    def _leave(self) -> None:
-        with _LOCK:
-            self.active -= 1
-
-    def _generate(
-        self, messages: list[BaseMessage], stop: Any = None, run_manager: Any = None, **kw: Any
-    ) -> ChatResult:
-        k = self._enter()
-        try:
-            time.sleep(self.delay)
-            if self.fail:
-                raise ConnectionError("the server is down")
-            return ChatResult(generations=[ChatGeneration(message=AIMessage(f"reply {k}"))])
-        finally:
-            self._leave()
-
-    async def _agenerate(
-        self, messages: list[BaseMessage], stop: Any = None, run_manager: Any = None, **kw: Any
-    ) -> ChatResult:
-        k = self._enter()
-        try:
-            await asyncio.sleep(self.delay)
-            return ChatResult(generations=[ChatGeneration(message=AIMessage(f"reply {k}"))])
-        finally:
-            self._leave()
-
-
-_LOCK = threading.Lock()
-
-
-class Recorder(BaseCallbackHandler):
-    """Records chat-model / LLM / chain starts with their parents and tags."""
-
-    def __init__(self) -> None:
-        self.model_starts: list[dict[str, Any]] = []
-        self.chains: list[dict[str, Any]] = []
-
-    def on_chat_model_start(self, serialized: Any, messages: Any, **kw: Any) -> None:
-        self.model_starts.append(kw)
-
-    def on_llm_start(self, serialized: Any, prompts: Any, **kw: Any) -> None:
-        self.model_starts.append(kw)
-
-    def on_chain_start(self, serialized: Any, inputs: Any, **kw: Any) -> None:
-        self.chains.append(kw)
 
 
 LENGTH = CallableReward(lambda q, text: len(text), name="length")

@@ -15,21 +15,12 @@ from langchain_core.messages import AIMessage, AIMessageChunk, ChatMessage, Huma
 from esamp_agents.decoding.engine import ESampEngine
 from esamp_agents.langchain.chat_model import ChatESamp
 from esamp_agents.selection.rewards import RewardError
+from tests.fakes import TokenRecorder
 
 pytestmark = pytest.mark.model
 
 HELLO = "Hello"
 COUNT = "Count from 1 to 10, separated by commas."
-
-
-class TokenRecorder(BaseCallbackHandler):
-    """Records every streamed token LangChain reports."""
-
-    def __init__(self) -> None:
-        self.tokens: list[str] = []
-
-    def on_llm_new_token(self, token: str, **kwargs: Any) -> None:
-        self.tokens.append(token)
 
 
 @pytest.fixture(scope="module")

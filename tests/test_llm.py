@@ -8,28 +8,18 @@ from typing import Any
 
 import pytest
 from langchain_core.caches import InMemoryCache
-from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.globals import get_llm_cache, set_llm_cache
 
 from esamp_agents import ESampParams
 from esamp_agents.decoding.engine import ESampEngine
 from esamp_agents.decoding.loading import ModelLoadError
 from esamp_agents.langchain.llm import ESampLLM
+from tests.fakes import TokenRecorder
 
 pytestmark = pytest.mark.model
 
 PROMPT = "The capital of France is"
 COUNT = "1, 2, 3,"
-
-
-class TokenRecorder(BaseCallbackHandler):
-    """Records every streamed token LangChain reports."""
-
-    def __init__(self) -> None:
-        self.tokens: list[str] = []
-
-    def on_llm_new_token(self, token: str, **kwargs: Any) -> None:
-        self.tokens.append(token)
 
 
 @pytest.fixture(scope="module")

@@ -5,18 +5,13 @@ from __future__ import annotations
 import asyncio
 import math
 import textwrap
-import threading
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, ToolMessage
-from langchain_core.outputs import ChatGeneration, ChatResult
 from langchain_core.tools import tool
-from langchain_core.utils.function_calling import convert_to_openai_tool
-from pydantic import BaseModel, Field, PrivateAttr
+from pydantic import BaseModel
 
 from esamp_agents.recipes.tool_agent import (
     BestOfNChatModel,
@@ -30,6 +25,7 @@ from esamp_agents.recipes.tool_agent import (
 )
 from esamp_agents.selection.best_of_n import BestOfNError
 from esamp_agents.selection.rewards import CallableReward, RewardError
+from tests.fakes import ScriptedChat, ScriptedNChat
 
 # --------------------------------------------------------------------------- tools and fakes
 
@@ -59,51 +55,6 @@ BAD_ARGS = reply(calls=[call("multiply", {"a": "six", "b": 7})])
 MISSING = reply(calls=[call("multiply", {"a": 6})])
 UNPARSABLE = reply(broken=[{"name": "multiply", "args": '{"a": 6, "b": ', "id": "x", "error": "bad json"}])
 GOOD = reply(calls=[call("multiply", {"a": 6, "b": 7})])
-
-
-class ScriptedChat(BaseChatModel):
-    """Replies from a script: at step s (= number of AI messages in the input) the k-th sample is
-    ``script[s][k % len]``. ``bind_tools`` works like a real provider's (it binds OpenAI schemas)."""
-
-    script: list[list[AIMessage]]
-    calls: list[dict[str, Any]] = Field(default_factory=list)
-    fail_every: int = 0
-    _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
-    _counter: Counter = PrivateAttr(default_factory=Counter)
-
-    @property
-    def _llm_type(self) -> str:
-        return "scripted-chat"
-
-    def bind_tools(self, tools: Any, *, tool_choice: Any = None, **kwargs: Any) -> Any:
-        if tool_choice is not None:
-            kwargs["tool_choice"] = tool_choice
-        return self.bind(tools=[convert_to_openai_tool(t) for t in tools], **kwargs)
-
-    def _replies(self, messages: list[BaseMessage], count: int) -> list[AIMessage]:
-        step = sum(isinstance(m, AIMessage) for m in messages)
-        options = self.script[min(step, len(self.script) - 1)]
-        with self._lock:
-            k = self._counter[step]
-            self._counter[step] += count
-        return [options[(k + j) % len(options)] for j in range(count)]
-
-    def _generate(
-        self, messages: list[BaseMessage], stop: Any = None, run_manager: Any = None, **kwargs: Any
-    ) -> ChatResult:
-        with self._lock:
-            self.calls.append(dict(kwargs))
-            number = len(self.calls)
-        if self.fail_every and number % self.fail_every == 0:
-            raise RuntimeError(f"provider error on call {number}")
-        count = kwargs.get("n") or 1
-        return ChatResult(generations=[ChatGeneration(message=m) for m in self._replies(messages, count)])
-
-
-class ScriptedNChat(ScriptedChat):
-    """Like ChatOpenAI: an ``n`` field, N replies in one request."""
-
-    n: int | None = None
 
 
 # --------------------------------------------------------------------------- validity checks

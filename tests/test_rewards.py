@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import math
-import re
 from typing import Any
 
 import pytest
-from langchain_core.language_models import BaseChatModel
-from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
-from langchain_core.outputs import ChatGeneration, ChatResult
+from langchain_core.messages import HumanMessage, SystemMessage
 
 from esamp_agents.selection.rewards import (
     CallableReward,
@@ -25,26 +22,11 @@ from esamp_agents.selection.rewards import (
     parse_judge_score,
     score_candidates,
 )
+from tests.fakes import ReplyByCandidate
 
 
 def cands(*texts: str) -> list[ScoredCandidate]:
     return [ScoredCandidate(i, t, t) for i, t in enumerate(texts)]
-
-
-class ReplyByCandidate(BaseChatModel):
-    """A judge whose reply depends only on the candidate in the prompt (so order is concurrency-proof)."""
-
-    replies: dict[str, str]
-
-    @property
-    def _llm_type(self) -> str:
-        return "reply-by-candidate"
-
-    def _generate(
-        self, messages: list[BaseMessage], stop: Any = None, run_manager: Any = None, **kw: Any
-    ) -> ChatResult:
-        candidate = re.search(r"RESPONSE:\n(.*)", str(messages[-1].content), re.S).group(1)
-        return ChatResult(generations=[ChatGeneration(message=AIMessage(self.replies[candidate]))])
 
 
 # --------------------------------------------------------------------------- callable
