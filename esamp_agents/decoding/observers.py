@@ -30,7 +30,9 @@ class DecodeObserver(Protocol):
     def on_step(self, step: int, hidden: dict[int, torch.Tensor], token_ids: torch.Tensor, live: torch.Tensor) -> None:
         """``hidden[layer]`` is ``[rows, hidden_size]`` (model dtype); ``token_ids`` the
         tokens sampled from them; ``live`` marks rows whose token belongs to the
-        candidate (False for rows that had already finished)."""
+        candidate (False for rows that had already finished). On an accelerator a few
+        steps with every row finished may follow the last real one (the engine asks the
+        device whether rows are live only now and then); read only the live rows."""
 
     def on_finish(self) -> None:
         """Called once after the last step."""
