@@ -1,5 +1,6 @@
 """Fakes shared by the tests: scripted chat models (with and without an ``n`` field), a slow
-model that records concurrency, an LLM judge keyed by candidate, callback recorders."""
+model that records concurrency, an LLM judge keyed by candidate, callback recorders, a
+decode-time reward (mean hidden-state norm) and a seeded logprob head."""
 
 from __future__ import annotations
 
@@ -10,12 +11,15 @@ import time
 from collections import Counter
 from typing import Any
 
+import torch
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.outputs import ChatGeneration, ChatResult
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import Field, PrivateAttr
+
+from esamp_agents.hidden_reward.head import FeatureSpec, GatedLinearHead
 
 
 class NChat(BaseChatModel):
@@ -178,3 +182,62 @@ class TokenRecorder(BaseCallbackHandler):
 
     def on_llm_new_token(self, token: str, **kwargs: Any) -> None:
         self.tokens.append(token)
+
+
+class NormObserver:
+    """Test-only decode-time reward: the mean L2 norm of each candidate's final-layer states."""
+
+    layers = (-1,)
+
+    def on_start(self, num_prompts: int, samples_per_prompt: int, hidden_size: int) -> None:
+        import torch
+
+        self.n, self.p = samples_per_prompt, num_prompts
+        self.sums = torch.zeros(num_prompts * samples_per_prompt, dtype=torch.float64)
+        self.counts = torch.zeros_like(self.sums)
+        self.steps = 0
+
+    def on_step(self, step: int, hidden: dict[int, Any], token_ids: Any, live: Any) -> None:
+        norms = hidden[-1].double().norm(dim=-1)
+        self.sums += norms * live
+        self.counts += live
+        self.steps += 1
+
+    def on_finish(self) -> None:
+        pass
+
+    def rewards(self) -> list[list[float]]:
+        flat = (self.sums / self.counts.clamp(min=1)).tolist()
+        return [flat[i * self.n : (i + 1) * self.n] for i in range(self.p)]
+
+
+class NormReward:
+    """Decode-time only; keeps its observers so the test can compare."""
+
+    name = "norm"
+
+    def __init__(self) -> None:
+        self.observers: list[NormObserver] = []
+
+    def make_observer(self, loaded: Any) -> NormObserver:
+        assert loaded.hidden_size > 0
+        obs = NormObserver()
+        self.observers.append(obs)
+        return obs
+
+
+TOP_K = 20
+
+
+def make_logprob_head(base_model: str = "embedded:SmolLM2-135M-Instruct.Q4_1.gguf", seed: int = 0) -> GatedLinearHead:
+    """A logprobs head with seeded random weights and a realistic standardisation."""
+    spec = FeatureSpec(
+        kind="logprobs", dim=TOP_K + 8, base_model=base_model, hidden_size=576, num_layers=30, top_k=TOP_K
+    )
+    head = GatedLinearHead(spec)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        head.linear.weight.copy_(torch.randn(2, spec.dim, generator=g) * 0.5)
+        head.linear.bias.copy_(torch.randn(2, generator=g) * 0.1)
+    head.set_standardisation(torch.full((spec.dim,), -5.0), torch.full((spec.dim,), 4.0))
+    return head

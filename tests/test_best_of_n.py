@@ -21,7 +21,7 @@ from esamp_agents.selection.best_of_n import (
     default_answer_extractor,
 )
 from esamp_agents.selection.rewards import CallableReward, RewardError, ScoredCandidate
-from tests.fakes import NChat, Recorder, SlowChat
+from tests.fakes import NChat, NormObserver, NormReward, Recorder, SlowChat
 
 # --------------------------------------------------------------------------- fakes
 
@@ -349,48 +349,6 @@ def test_model_must_be_a_runnable():
 
 
 # --------------------------------------------------------------------------- embedded model: decode-time reward
-
-
-class NormObserver:
-    """Test-only decode-time reward: the mean L2 norm of each candidate's final-layer states."""
-
-    layers = (-1,)
-
-    def on_start(self, num_prompts: int, samples_per_prompt: int, hidden_size: int) -> None:
-        import torch
-
-        self.n, self.p = samples_per_prompt, num_prompts
-        self.sums = torch.zeros(num_prompts * samples_per_prompt, dtype=torch.float64)
-        self.counts = torch.zeros_like(self.sums)
-        self.steps = 0
-
-    def on_step(self, step: int, hidden: dict[int, Any], token_ids: Any, live: Any) -> None:
-        norms = hidden[-1].double().norm(dim=-1)
-        self.sums += norms * live
-        self.counts += live
-        self.steps += 1
-
-    def on_finish(self) -> None:
-        pass
-
-    def rewards(self) -> list[list[float]]:
-        flat = (self.sums / self.counts.clamp(min=1)).tolist()
-        return [flat[i * self.n : (i + 1) * self.n] for i in range(self.p)]
-
-
-class NormReward:
-    """Decode-time only; keeps its observers so the test can compare."""
-
-    name = "norm"
-
-    def __init__(self) -> None:
-        self.observers: list[NormObserver] = []
-
-    def make_observer(self, loaded: Any) -> NormObserver:
-        assert loaded.hidden_size > 0
-        obs = NormObserver()
-        self.observers.append(obs)
-        return obs
 
 
 @pytest.mark.model

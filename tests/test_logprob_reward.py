@@ -34,23 +34,9 @@ from esamp_agents.adapters.sampling import (
 )
 from esamp_agents.hidden_reward.head import FeatureSpec, GatedLinearHead, IncompatibleHeadError, save_head
 from esamp_agents.hidden_reward.logprob_features import LogprobsMissingError
+from tests.fakes import TOP_K, make_logprob_head
 
 LOOPBACK = pytest.mark.allow_hosts(["127.0.0.1"])
-TOP_K = 20
-
-
-def make_head(base_model: str = "embedded:SmolLM2-135M-Instruct.Q4_1.gguf", seed: int = 0) -> GatedLinearHead:
-    """A logprobs head with seeded random weights and a realistic standardisation."""
-    spec = FeatureSpec(
-        kind="logprobs", dim=TOP_K + 8, base_model=base_model, hidden_size=576, num_layers=30, top_k=TOP_K
-    )
-    head = GatedLinearHead(spec)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        head.linear.weight.copy_(torch.randn(2, spec.dim, generator=g) * 0.5)
-        head.linear.bias.copy_(torch.randn(2, generator=g) * 0.1)
-    head.set_standardisation(torch.full((spec.dim,), -5.0), torch.full((spec.dim,), 4.0))
-    return head
 
 
 def token_entry(token: str, logprob: float, alternatives: int = TOP_K) -> dict[str, Any]:
@@ -144,7 +130,7 @@ def test_package_exports_every_public_name_and_sampling_needs_no_torch():
 
 
 def test_every_shape_gives_the_same_scores():
-    reward = LogprobReward(make_head())
+    reward = LogprobReward(make_logprob_head())
     body = completion_body(3)
     from_dict = reward.score_response(body)
     assert len(from_dict) == 3 and all(math.isfinite(s) for s in from_dict)
@@ -177,7 +163,7 @@ def test_every_shape_gives_the_same_scores():
 
 
 def test_legacy_completions_logprobs_are_read():
-    reward = LogprobReward(make_head())
+    reward = LogprobReward(make_logprob_head())
     chat = chat_logprobs([("a", -0.2), ("b", -1.0)])
     legacy = {
         "tokens": ["a", "b"],
@@ -193,15 +179,15 @@ def test_missing_logprobs_raise_clearly_or_score_nan():
     body = completion_body(2)
     body["choices"][1]["logprobs"] = None
     with pytest.raises(LogprobsMissingError, match=r"candidate 1: .*logprobs=True"):
-        LogprobReward(make_head()).score_response(body)
-    scores = LogprobReward(make_head(), on_missing="nan").score_response(body)
+        LogprobReward(make_logprob_head()).score_response(body)
+    scores = LogprobReward(make_logprob_head(), on_missing="nan").score_response(body)
     assert math.isfinite(scores[0]) and math.isnan(scores[1])
 
     # logprobs without any alternatives: the head cannot read them
     no_top = completion_body(1)
     no_top["choices"][0]["logprobs"] = chat_logprobs([("a", -0.1)], alternatives=0)
     with pytest.raises(LogprobsMissingError, match="top_logprobs=20"):
-        LogprobReward(make_head()).score_response(no_top)
+        LogprobReward(make_logprob_head()).score_response(no_top)
 
 
 def test_refusals_and_empty_replies_follow_on_empty():
@@ -210,15 +196,15 @@ def test_refusals_and_empty_replies_follow_on_empty():
     body["choices"][0]["logprobs"] = {"content": None, "refusal": [token_entry("I", -0.1)]}
     body["choices"][1]["message"]["content"] = ""
     body["choices"][1]["logprobs"] = {"content": [], "refusal": None}
-    report = LogprobReward(make_head()).score_with_report(body)
+    report = LogprobReward(make_logprob_head()).score_with_report(body)
     assert math.isnan(report.scores[0]) and math.isnan(report.scores[1]) and math.isfinite(report.scores[2])
     assert report.empty == [0, 1] and report.missing == []
-    zero = LogprobReward(make_head(), on_empty="zero").score_response(body)
+    zero = LogprobReward(make_logprob_head(), on_empty="zero").score_response(body)
     assert zero[:2] == [0.0, 0.0]
 
 
 def test_fewer_alternatives_warn_and_placeholders_never_crash():
-    reward = LogprobReward(make_head())
+    reward = LogprobReward(make_logprob_head())
     few = [chat_logprobs([("a", -0.1), ("b", -9999.0)], alternatives=5)]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -228,7 +214,7 @@ def test_fewer_alternatives_warn_and_placeholders_never_crash():
 
 
 def test_report_counts_tokens_offline():
-    reward = LogprobReward(make_head())
+    reward = LogprobReward(make_logprob_head())
     body = completion_body(2, text="hello world")
     report = reward.score_with_report(body, prompt=[{"role": "user", "content": "hello world"}])
     assert report.encoding == "o200k_base"  # from the response's model, gpt-4o
@@ -243,10 +229,12 @@ def test_head_checks_and_checkpoints(tmp_path):
     with pytest.raises(IncompatibleHeadError, match="kind='logprobs'"):
         LogprobReward(hidden)
     with pytest.raises(ValueError, match="on_missing='skip' is invalid; allowed: raise, nan"):
-        LogprobReward(make_head(), on_missing="skip")  # type: ignore[arg-type]
-    path = save_head(make_head(), tmp_path / "lp.safetensors")
+        LogprobReward(make_logprob_head(), on_missing="skip")  # type: ignore[arg-type]
+    path = save_head(make_logprob_head(), tmp_path / "lp.safetensors")
     body = completion_body(2)
-    assert LogprobReward(path).score_response(body) == pytest.approx(LogprobReward(make_head()).score_response(body))
+    assert LogprobReward(path).score_response(body) == pytest.approx(
+        LogprobReward(make_logprob_head()).score_response(body)
+    )
 
 
 def test_local_features_shape(embedded):
@@ -351,7 +339,7 @@ def test_retries_every_fault_kind_then_succeeds():
     assert all(r["logprobs"] is True and r["top_logprobs"] == 20 and r["n"] == 4 for r in api.requests)
     assert elapsed >= 0.03  # Retry-After honoured
     assert [c.index for c in result.choices] == [0, 1, 2, 3]
-    scores = LogprobReward(make_head()).score_response(result)
+    scores = LogprobReward(make_logprob_head()).score_response(result)
     assert len(scores) == 4 and all(math.isfinite(s) for s in scores)
 
 
@@ -482,7 +470,7 @@ def test_raw_openai_client_scores_equal_local_logits(embedded, server):
     for choice in response.choices:
         assert choice.logprobs is not None and choice.logprobs.content
         assert all(len(t.top_logprobs) == 20 for t in choice.logprobs.content)
-    reward = LogprobReward(make_head(embedded.name))
+    reward = LogprobReward(make_logprob_head(embedded.name))
     prompt_ids = embedded.chat_token_ids(messages)
     assert response.usage.prompt_tokens == len(prompt_ids)
     diff = _agreement(
@@ -513,7 +501,7 @@ def test_chat_openai_gets_n_candidates_and_scores_equal_local_logits(embedded, s
     assert len(generations) == 4
     logprobs = [g.message.response_metadata["logprobs"] for g in generations]
     assert all(lp["content"] and len(lp["content"][0]["top_logprobs"]) == 20 for lp in logprobs)
-    reward = LogprobReward(make_head(embedded.name))
+    reward = LogprobReward(make_logprob_head(embedded.name))
     assert reward.score_response(result) == pytest.approx(reward.score_response(logprobs), abs=0)
     prompt_ids = embedded.chat_token_ids([{"role": "user", "content": QUESTION}])
     diff = _agreement(embedded, reward, prompt_ids, logprobs, [g.message.content for g in generations])
@@ -531,6 +519,6 @@ def test_sample_with_logprobs_against_the_real_server(embedded, server):
                                   seed=1)  # fmt: skip
     assert result.complete and [a.outcome for a in result.attempts] == ["ok", "ok"]
     assert result.usage["completion_tokens"] >= sum(len(c.logprobs.content) for c in result.choices)
-    scores = LogprobReward(make_head(embedded.name)).score_response(result)
+    scores = LogprobReward(make_logprob_head(embedded.name)).score_response(result)
     assert len(scores) == 2 and all(math.isfinite(s) for s in scores)
     assert len(read_candidates(result)) == 2

@@ -59,7 +59,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from readme_blocks import Block, parse_blocks, shell_commands
+
+from tests.readme_blocks import Block, parse_blocks, shell_commands
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [p for p in (ROOT / "README.md", ROOT / "ARCHITECTURE.md") if p.exists()]
