@@ -1,6 +1,6 @@
 """Fenced code blocks of a Markdown file, with the ``readme-test`` markers written before them.
 
-Used by ``tests/test_readme.py``; no model, no torch. Fences follow CommonMark: a fence is 3 or
+Used by ``tests/model/test_readme.py``; no model, no torch. Fences follow CommonMark: a fence is 3 or
 more backticks (or tildes) indented at most 3 spaces, and it closes only on a line of the same
 character, at least as long, with nothing after it but spaces. So a block opened with ````
 may contain ``` lines, and a ``` inside a string in the code never closes anything.

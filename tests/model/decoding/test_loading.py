@@ -1,0 +1,56 @@
+"""Model loading: the embedded GGUF, errors that say what to do, the shared registry, chat templates."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from esamp_agents.decoding import loading
+from esamp_agents.decoding.loading import (
+    EMBEDDED,
+    EMBEDDED_FILE,
+    LoadedModel,
+    load_model,
+)
+
+
+def test_embedded_model_properties(embedded):
+    assert isinstance(embedded, LoadedModel)
+    assert embedded.name == f"{EMBEDDED}:{EMBEDDED_FILE}"
+    assert embedded.num_layers == 30
+    assert embedded.hidden_size == 576
+    assert embedded.vocab_size == 49152
+    assert embedded.context_window == 8192
+    assert embedded.tokenizer.eos_token_id in embedded.eos_token_ids
+    assert isinstance(embedded.pad_token_id, int)
+    assert str(embedded.device) == "cpu"
+    assert not embedded.model.training
+
+
+def test_registry_shares_one_object(embedded):
+    assert load_model(EMBEDDED, device="cpu") is embedded
+    assert load_model(EMBEDDED, device="cpu") is load_model(EMBEDDED, device="cpu")
+    assert load_model(embedded) is embedded
+    assert (EMBEDDED, "cpu", "auto") in loading._REGISTRY
+
+
+def test_model_object_with_tokenizer_is_wrapped(embedded):
+    wrapped = load_model(embedded.model, tokenizer=embedded.tokenizer)
+    assert wrapped.model is embedded.model
+    assert wrapped.tokenizer is embedded.tokenizer
+    assert wrapped.hidden_size == 576
+
+
+def test_chat_template_ends_at_the_assistant_turn(embedded):
+    text = embedded.apply_chat_template([{"role": "user", "content": "What is 2 + 3?"}])
+    assert "<|im_start|>user\nWhat is 2 + 3?<|im_end|>" in text
+    assert text.endswith("<|im_start|>assistant\n")
+    with_system = embedded.apply_chat_template(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    )
+    assert with_system.startswith("<|im_start|>system\nBe brief.<|im_end|>")
+
+
+def test_models_without_a_chat_template_get_a_transcript(embedded):
+    bare = LoadedModel(model=embedded.model, tokenizer=SimpleNamespace(chat_template=None), name="bare")
+    text = bare.apply_chat_template([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
+    assert text == "System: Be brief.\nUser: Hi\nAssistant:"

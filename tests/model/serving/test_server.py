@@ -1,0 +1,272 @@
+"""``esamp-agents serve`` on loopback with the real embedded model: OpenAI's protocol, errors in
+OpenAI's shape, streaming, completions, concurrency, and the CLI hooks."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+
+from esamp_agents.cli.serve import add_serve_command, run_serve
+from esamp_agents.serving import Server, serve_forever
+from esamp_agents.serving.protocol import ParsedRequest, RequestError, ServeDefaults, parse_request
+
+pytestmark = pytest.mark.allow_hosts(["127.0.0.1"])
+openai = pytest.importorskip("openai")
+
+USER = [{"role": "user", "content": "Say hi."}]
+
+
+@pytest.fixture(scope="module")
+def server(embedded) -> Iterator[Server]:
+    with Server(embedded, port=0, max_body_bytes=64 * 1024) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server) -> Any:
+    return openai.OpenAI(base_url=server.url, api_key="x", max_retries=0, timeout=120)
+
+
+def post(url: str, body: Any, *, raw: bytes | None = None, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    data = raw if raw is not None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def get(url: str) -> tuple[int, Any]:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def assert_openai_error(body: Any, param: str | None = None) -> dict[str, Any]:
+    assert set(body) == {"error"}
+    error = body["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert isinstance(error["message"], str) and error["message"]
+    if param is not None:
+        assert error["param"] == param, error
+    return error
+
+
+# --------------------------------------------------------------------------- models and routing
+
+
+def test_models_and_unknown_paths(server):
+    status, body = get(server.url + "/models")
+    assert status == 200 and body["object"] == "list"
+    assert [m["id"] for m in body["data"]] == ["embedded"]
+    assert get(server.url + "/models/embedded")[0] == 200
+    status, body = get(server.url + "/models/gpt-4o")
+    assert status == 404 and assert_openai_error(body, "model")["code"] == "model_not_found"
+    status, body = get(server.url + "/nothing")
+    assert status == 404 and assert_openai_error(body)["code"] == "unknown_url"
+    status, body = post(server.url + "/chat/completions", {"model": "gpt-4o", "messages": USER})
+    assert status == 404 and assert_openai_error(body, "model")["code"] == "model_not_found"
+
+
+# --------------------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize(
+    ("change", "param"),
+    [
+        ({"n": 0}, "n"),
+        ({"n": 129}, "n"),
+        ({"n": True}, "n"),
+        ({"temperature": -1}, "temperature"),
+        ({"temperature": 2.5}, "temperature"),
+        ({"top_p": 2}, "top_p"),
+        ({"top_p": 0}, "top_p"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ({"top_logprobs": 3}, "top_logprobs"),  # needs logprobs=true, as in OpenAI
+        ({"stream": True, "n": 2}, "n"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": 5, "max_completion_tokens": 6}, "max_completion_tokens"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"seed": -1}, "seed"),
+        ({"beta": -0.5}, "beta"),
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "messages[0].content"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"presence_penalty": 0.5}, "presence_penalty"),
+        ({"frobnicate": 1}, "frobnicate"),
+        ({"model": None}, "model"),
+    ],
+)
+def test_bad_requests_get_400_in_openai_shape(server, change, param):
+    body = {"model": "embedded", "messages": USER, "max_tokens": 4, **change}
+    status, reply = post(server.url + "/chat/completions", body)
+    assert status == 400, reply
+    assert assert_openai_error(reply, param)["type"] == "invalid_request_error"
+
+
+def test_bad_json_too_large_and_too_long(server):
+    status, reply = post(server.url + "/chat/completions", None, raw=b'{"model": "embedded", "messages": [')
+    assert status == 400 and assert_openai_error(reply)["code"] == "invalid_json"
+    status, reply = post(server.url + "/chat/completions", None, raw=b"[1, 2]")
+    assert status == 400 and "JSON object" in assert_openai_error(reply)["message"]
+    status, reply = post(server.url + "/chat/completions", {"model": "embedded", "messages": USER, "pad": "x" * 70000})
+    assert status == 413 and assert_openai_error(reply)["code"] == "request_too_large"
+    long_prompt = [{"role": "user", "content": "word " * 9000}]
+    for stream in (False, True):
+        body = {"model": "embedded", "messages": long_prompt, "max_tokens": 8, "stream": stream}
+        status, reply = post(server.url + "/chat/completions", body)
+        error = assert_openai_error(reply, "messages")
+        assert status == 400 and error["code"] == "context_length_exceeded"
+        assert "maximum context length is 8192 tokens" in error["message"]
+    status, reply = post(server.url + "/completions", {"model": "embedded", "prompt": [[1, 2, 10**9]]})
+    assert status == 400 and "outside the vocabulary" in assert_openai_error(reply, "prompt")["message"]
+    status, reply = post(server.url + "/completions", {"model": "embedded", "prompt": "x", "echo": True})
+    assert status == 400 and assert_openai_error(reply, "echo")
+
+
+def test_the_server_survives_bad_requests(server, client):
+    """After all the errors above, a good request still works (nothing broke the worker)."""
+    reply = client.chat.completions.create(model="embedded", messages=USER, max_tokens=3, seed=0)
+    assert reply.choices[0].finish_reason in ("stop", "length") and reply.usage.completion_tokens >= 1
+
+
+def test_parse_request_defaults_and_esamp_fields():
+    request = parse_request(
+        {"model": "m", "messages": USER, "beta": 0.5, "warm_start_steps": 2, "top_k": 5, "stop": "\n"},
+        "chat",
+        ServeDefaults(),
+        1000,
+    )
+    assert isinstance(request, ParsedRequest)
+    assert request.esamp.beta == 0.5 and request.esamp.warm_start_steps == 2
+    assert request.sampling.top_k == 5 and request.sampling.stop == ("\n",)
+    assert request.sampling.temperature == 1.0 and request.sampling.top_p == 1.0  # OpenAI's defaults
+    assert request.max_tokens is None
+    off = parse_request({"model": "m", "messages": USER, "beta": 0}, "chat", ServeDefaults(), 1000)
+    assert not off.esamp.enabled
+    with pytest.raises(RequestError, match="beta=-1"):
+        parse_request({"model": "m", "messages": USER, "beta": -1}, "chat", ServeDefaults(), 1000)
+
+
+# --------------------------------------------------------------------------- generation
+
+
+def test_chat_candidates_logprobs_and_usage(embedded, client):
+    reply = client.chat.completions.create(
+        model="embedded", messages=USER, n=3, max_tokens=6, logprobs=True, top_logprobs=5, seed=2,
+        extra_body={"beta": 0.5},
+    )  # fmt: skip
+    assert [c.index for c in reply.choices] == [0, 1, 2] and reply.model == "embedded"
+    assert reply.object == "chat.completion" and reply.id.startswith("chatcmpl-")
+    prompt_tokens = len(embedded.chat_token_ids(USER))
+    assert reply.usage.prompt_tokens == prompt_tokens
+    for choice in reply.choices:
+        assert choice.message.role == "assistant" and choice.finish_reason in ("stop", "length")
+        assert all(len(t.top_logprobs) == 5 for t in choice.logprobs.content)
+        assert all(t.logprob <= 0 and t.bytes for t in choice.logprobs.content)
+    # completion tokens count every generated token (the closing end-of-turn one included)
+    assert reply.usage.completion_tokens >= sum(len(c.logprobs.content) for c in reply.choices)
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+
+
+def test_stream_equals_the_same_seeded_request(client):
+    common = {"model": "embedded", "messages": USER, "max_tokens": 6, "seed": 9, "logprobs": True, "top_logprobs": 2}
+    whole = client.chat.completions.create(**common)
+    chunks = list(client.chat.completions.create(**common, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finals) == 1 and finals[0].choices[0].finish_reason == whole.choices[0].finish_reason
+    assert finals[0].choices[0].logprobs.content == whole.choices[0].logprobs.content  # logprobs in the last chunk
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == whole.usage.total_tokens
+
+
+def test_completions_endpoint(embedded, client):
+    reply = client.completions.create(model="embedded", prompt=["1 + 1 =", "The sky is"], n=2, max_tokens=4,
+                                      logprobs=3, seed=4)  # fmt: skip
+    assert [c.index for c in reply.choices] == [0, 1, 2, 3] and reply.object == "text_completion"
+    for c in reply.choices:
+        lp = c.logprobs
+        assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset)
+        assert all(1 <= len(top) <= 3 for top in lp.top_logprobs)
+    prompt_tokens = sum(len(embedded.tokenizer(p)["input_ids"]) for p in ["1 + 1 =", "The sky is"])
+    assert reply.usage.prompt_tokens == prompt_tokens
+    streamed = list(client.completions.create(model="embedded", prompt="The sky is", max_tokens=4, stream=True,
+                                              seed=4))  # fmt: skip
+    assert streamed[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_concurrent_requests_are_queued_and_all_succeed(client):
+    def ask(i: int) -> str:
+        reply = client.chat.completions.create(
+            model="embedded", messages=[{"role": "user", "content": f"Count to {i + 2}."}], max_tokens=4, seed=i
+        )
+        return reply.choices[0].finish_reason
+
+    with ThreadPoolExecutor(3) as pool:
+        reasons = list(pool.map(ask, range(3)))
+    assert all(r in ("stop", "length") for r in reasons)
+
+
+def test_any_model_name_and_api_key(embedded):
+    with Server(embedded, port=0, accept_any_model=True, api_key="secret", served_name="smol") as srv:
+        status, body = get(srv.url + "/models")
+        assert status == 401 and assert_openai_error(body)["code"] == "invalid_api_key"
+        status, body = post(srv.url + "/chat/completions", {"model": "gpt-4o", "messages": USER})
+        assert status == 401
+        client = openai.OpenAI(base_url=srv.url, api_key="secret", max_retries=0)
+        assert [m.id for m in client.models.list()] == ["smol"]
+        reply = client.chat.completions.create(model="gpt-4o", messages=USER, max_tokens=2, seed=0)
+        assert reply.model == "smol" and reply.choices
+        assert srv.port != 0 and srv.url == f"http://127.0.0.1:{srv.port}/v1"  # the ephemeral port it got
+
+
+# --------------------------------------------------------------------------- lifecycle and CLI
+
+
+def test_constructor_checks_before_any_work():
+    with pytest.raises(ValueError, match=r"port=70000 is out of range; allowed: 0 <= port <= 65535"):
+        Server("embedded", port=70000)
+    with pytest.raises(ValueError, match="max_queue=0"):
+        Server("embedded", max_queue=0)
+
+
+def test_cli_hooks_parse_and_serve(embedded):
+    parser = argparse.ArgumentParser(prog="esamp-agents")
+    sub = parser.add_subparsers(dest="command")
+    add_serve_command(sub)
+    args = parser.parse_args(["serve", "--port", "0", "--accept-any-model", "--beta", "0.5"])
+    assert args.port == 0 and args.accept_any_model and args.beta == 0.5 and args.host == "127.0.0.1"
+    with pytest.raises(ValueError, match="beta=-1"):
+        run_serve(parser.parse_args(["serve", "--beta", "-1"]))
+
+    out, stop = io.StringIO(), threading.Event()
+    thread = threading.Thread(
+        target=serve_forever, args=(embedded, "127.0.0.1", 0), kwargs={"out": out, "stop_event": stop}
+    )
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while "serving" not in out.getvalue() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        url = out.getvalue().split(" at ", 1)[1].split()[0]
+        assert get(url + "/models")[0] == 200
+    finally:
+        stop.set()
+        thread.join(30)
+    assert not thread.is_alive()
