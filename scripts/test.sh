@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up the environment if needed, lint, then run the test suite offline.
-# Extra arguments go to pytest, e.g. `bash scripts/test.sh tests/test_cli.py -x -q`.
+# Extra arguments go to pytest, e.g. `bash scripts/test.sh tests/unit -x -q` (fast: no model) or `-m "not model"`.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
