@@ -37,13 +37,13 @@ from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage, SystemMessage
 from langchain_core.messages.ai import add_usage
 from langchain_core.outputs import ChatGeneration, ChatResult
-from langchain_core.runnables import Runnable, RunnableBinding, RunnableConfig
+from langchain_core.runnables import Runnable, RunnableConfig
 from langchain_core.runnables.config import run_in_executor
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from esamp_agents.selection.best_of_n import BestOfNError
+from esamp_agents.selection.best_of_n import BestOfNError, has_n_field, unwrap_binding
 from esamp_agents.selection.fusion import fuse
 from esamp_agents.selection.rewards import ScoredCandidate, ascore_candidates, score_candidates
 from esamp_agents.validation import check_int
@@ -408,19 +408,6 @@ async def achoose_reply(
 # --------------------------------------------------------------------------- the chat model
 
 
-def _unwrap(model: Any) -> tuple[Any, dict[str, Any]]:
-    """``model.bind(...)`` / ``bind_tools(...)`` -> (the model, the bound kwargs)."""
-    kwargs: dict[str, Any] = {}
-    while isinstance(model, RunnableBinding) and not model.config and not model.config_factories:
-        kwargs = {**model.kwargs, **kwargs}
-        model = model.bound
-    return model, kwargs
-
-
-def _has_n(model: Any) -> bool:
-    return isinstance(model, BaseChatModel) and "n" in type(model).model_fields
-
-
 class BestOfNChatModel(BaseChatModel):
     """A chat model that samples N replies from ``model`` per call and returns the best one.
 
@@ -503,7 +490,7 @@ class BestOfNChatModel(BaseChatModel):
         check_int("max_concurrency", self.max_concurrency, 1, allow_none=True)
         if self.sampling not in SAMPLING_MODES:
             raise ValueError(f"sampling={self.sampling!r} is unknown; allowed: {', '.join(map(repr, SAMPLING_MODES))}")
-        if self.sampling == "n" and not _has_n(self.model):
+        if self.sampling == "n" and not has_n_field(self.model):
             raise ValueError(
                 f"sampling='n' but {type(self.model).__name__} has no n field; allowed: 'parallel' or 'auto'"
             )
@@ -543,13 +530,13 @@ class BestOfNChatModel(BaseChatModel):
     def _mode(self) -> str:
         if self.sampling != "auto":
             return self.sampling
-        return "n" if _has_n(self.model) else "parallel"
+        return "n" if has_n_field(self.model) else "parallel"
 
     def _inner(self) -> Any:
         return self.bound_model if self.bound_model is not None else self.model
 
     def _native_call(self, stop: list[str] | None, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-        base, bound = _unwrap(self._inner())
+        base, bound = unwrap_binding(self._inner())
         # stream=False: N replies cannot be streamed, even when a streaming callback is attached.
         return base, {**bound, **kwargs, "n": self.n, "stream": False, "stop": stop}
 

@@ -105,12 +105,14 @@ def _is_esamp(model: Any) -> bool:
     return isinstance(model, ESampLangChainMixin)
 
 
-def _has_n_field(model: Any) -> bool:
+def has_n_field(model: Any) -> bool:
+    """Whether one request can return N candidates (an ``n`` field, like ``ChatOpenAI``'s)."""
     return isinstance(model, BaseLanguageModel) and "n" in type(model).model_fields
 
 
-def _unwrap(model: Any) -> tuple[Any, dict[str, Any]]:
-    """``model.bind(...)`` -> (the model, the bound kwargs); other wrappers stay as they are."""
+def unwrap_binding(model: Any) -> tuple[Any, dict[str, Any]]:
+    """``model.bind(...)`` / ``bind_tools(...)`` -> (the model, the bound kwargs); other wrappers
+    stay as they are."""
     kwargs: dict[str, Any] = {}
     while isinstance(model, RunnableBinding) and not model.config and not model.config_factories:
         kwargs = {**model.kwargs, **kwargs}
@@ -258,7 +260,7 @@ class BestOfN(RunnableSerializable[Any, Any]):
         if not self.rewards and self.strategy != "vote":
             raise ValueError(f"no rewards with strategy={self.strategy!r}; allowed: at least one reward (or 'vote')")
         names: list[str] = []
-        esamp = _is_esamp(_unwrap(self.model)[0])
+        esamp = _is_esamp(unwrap_binding(self.model)[0])
         for i, reward in enumerate(self.rewards):
             name = getattr(reward, "name", None)
             if not isinstance(name, str) or not name:
@@ -306,13 +308,13 @@ class BestOfN(RunnableSerializable[Any, Any]):
 
     def _decode_time(self) -> list[Any]:
         """Rewards scored inside the ESamp decode (only with ESamp models)."""
-        if not _is_esamp(_unwrap(self.model)[0]):
+        if not _is_esamp(unwrap_binding(self.model)[0]):
             return []
         return [r for r in self.rewards if callable(getattr(r, "make_observer", None))]
 
     def _native_call(self, round_index: int, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         """(model, call kwargs) for one-call sampling; ESamp models also get the decode-time rewards."""
-        base, bound = _unwrap(self.model)
+        base, bound = unwrap_binding(self.model)
         call = {**bound, **kwargs, "n": self.n}
         if any(getattr(r, "needs_logprobs", False) for r in self.rewards):
             call["logprobs"] = True
@@ -334,8 +336,8 @@ class BestOfN(RunnableSerializable[Any, Any]):
         return base, call
 
     def _uses_native(self) -> bool:
-        base = _unwrap(self.model)[0]
-        return _is_esamp(base) or _has_n_field(base)
+        base = unwrap_binding(self.model)[0]
+        return _is_esamp(base) or has_n_field(base)
 
     def _from_generations(self, generations: Sequence[Any], warnings: list[str]) -> _Round:
         candidates = []
@@ -639,4 +641,6 @@ __all__ = [
     "BestOfNResult",
     "ScoredCandidate",
     "default_answer_extractor",
+    "has_n_field",
+    "unwrap_binding",
 ]
