@@ -8,11 +8,20 @@ import sys
 from collections.abc import Callable
 from typing import Any, TextIO
 
+from esamp_agents.cli.flags import add_param_flag, param_flag_values
 from esamp_agents.decoding.loading import EMBEDDED
-from esamp_agents.decoding.params import ESAMP_PRESETS, SamplingParams, esamp_preset
+from esamp_agents.decoding.params import ESAMP_PRESETS, build_params, esamp_preset
 from esamp_agents.serving.backend import DEFAULT_MAX_BATCH_TOKENS, DEFAULT_MAX_QUEUE
 from esamp_agents.serving.http import DEFAULT_HOST, DEFAULT_PORT, _check_port, _positive, serve_forever
 from esamp_agents.serving.protocol import DEFAULT_MAX_TOKENS, ServeDefaults
+
+# The request defaults this command sets, flags from the parameter table; the sampling ones
+# default to OpenAI's (a client that sends no temperature gets 1, no top-k filter).
+SERVE_FLAGS: dict[str, dict[str, Any]] = {
+    "beta": {"default": None, "default_text": "default: the preset's"},
+    "temperature": {"default": 1.0, "default_text": "default 1, as OpenAI"},
+    "top_k": {"default": 0, "default_text": "default 0 = off, as OpenAI"},
+}
 
 
 def add_serve_command(subparsers: Any, add_model_args: Callable[[argparse.ArgumentParser], None] | None = None) -> Any:
@@ -41,9 +50,8 @@ def add_serve_command(subparsers: Any, add_model_args: Callable[[argparse.Argume
         default="default",
         help="ESamp settings for requests: default (the package's) or paper (beta 0.25, no warm start)",
     )
-    s.add_argument("--beta", type=float, default=None, help="default ESamp strength (0 = off; default: the preset's)")
-    s.add_argument("--temperature", type=float, default=1.0, help="default temperature (default 1, as OpenAI)")
-    s.add_argument("--top-k", type=int, default=0, help="default top-k filter (default 0 = off, as OpenAI)")
+    for name, options in SERVE_FLAGS.items():
+        add_param_flag(s, name, **options)
     s.add_argument(
         "--default-max-tokens",
         type=int,
@@ -66,10 +74,9 @@ def run_serve(args: argparse.Namespace, out: TextIO | None = None) -> int:
     _check_port(args.port)
     for name in ("default_max_tokens", "max_batch_tokens", "max_queue"):
         _positive(name.replace("_", "-"), getattr(args, name))
-    esamp = esamp_preset(args.preset, beta=args.beta)
-    SamplingParams(temperature=args.temperature, top_k=args.top_k)  # range checks only
+    sampling, esamp = build_params(param_flag_values(args, SERVE_FLAGS), esamp=esamp_preset(args.preset))
     defaults = ServeDefaults(
-        temperature=args.temperature, top_k=args.top_k, max_tokens=args.default_max_tokens, esamp=esamp
+        temperature=sampling.temperature, top_k=sampling.top_k, max_tokens=args.default_max_tokens, esamp=esamp
     )
     try:
         serve_forever(

@@ -62,6 +62,23 @@ def test_bad_generate_arguments_exit_2(extra, message, capsys):
     assert out == ""
 
 
+SERVE_BAD = [
+    (["--temperature", "-1"], "temperature=-1.0 is out of range; allowed: temperature >= 0 (0 = greedy)"),
+    (["--top-k", "-1"], "top_k=-1 is out of range; allowed: 0 <= top_k"),
+    (["--beta", "200"], "beta=200.0 is out of range; allowed: 0 <= beta <= 100"),
+]
+
+
+@pytest.mark.parametrize(("extra", "message"), SERVE_BAD, ids=[" ".join(b[0]) for b in SERVE_BAD])
+def test_bad_serve_defaults_exit_2_before_loading(extra, message, capsys):
+    """serve's request defaults come from the parameter table's flags and are checked before any load."""
+    code, _ = run(["serve", "--port", "0", *extra])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err
+    assert "Traceback" not in err
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
