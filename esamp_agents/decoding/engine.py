@@ -21,7 +21,7 @@ import inspect
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,12 +33,10 @@ from esamp_agents.decoding.distiller import BatchedDistiller
 from esamp_agents.decoding.loading import LoadedModel, load_model
 from esamp_agents.decoding.observers import DecodeObserver
 from esamp_agents.decoding.params import ESampParams, SamplingParams
-from esamp_agents.decoding.results import Candidate, GenerationResult, GenerationStats, PromptResult
+from esamp_agents.decoding.results import Candidate, GenerationResult, GenerationStats
 from esamp_agents.decoding.sampling import NEG_INF, Candidates, filter_candidates, sample_positions
-from esamp_agents.decoding.state import DecodeState, Request, RowConstraint
-from esamp_agents.decoding.text_tracking import TextTracker, cut_at_stop
-
-TextCallback = Callable[[int, int, str], None]
+from esamp_agents.decoding.state import DecodeState, Request, RowConstraint, TextCallback
+from esamp_agents.decoding.text_tracking import TextTracker
 
 # When the candidates of all rows together number more than this share of the vocabulary,
 # one dense projection reads less of the LM head than gathering each row's candidates.
@@ -480,7 +478,7 @@ class ESampEngine:
         self, state: DecodeState, sampling: SamplingParams, on_text: TextCallback | None, decode_seconds: float
     ) -> GenerationResult:
         lengths = state.lengths.tolist()
-        results = self._collect(state, sampling, on_text, lengths)
+        results = state.results(sampling, on_text, lengths)
         stats = GenerationStats(
             prompts=len(state.requests),
             samples_per_prompt=sampling.n,
@@ -492,75 +490,6 @@ class ESampEngine:
             distiller_seconds=state.distiller_seconds,
         )
         return GenerationResult(results=results, stats=stats)
-
-    def _collect(
-        self, state: DecodeState, sampling: SamplingParams, on_text: TextCallback | None, lengths: list[int]
-    ) -> list[PromptResult]:
-        """Move everything to the host once and build each request's candidates."""
-        record, tracker = state.record, state.tracker
-        tokens = torch.stack(record.tokens, 1).tolist()  # [rows, steps]
-        logprobs = torch.stack(record.logprobs, 1).tolist()
-        by_string = state.stopped_by_string.tolist()
-        top_ids = top_lps = None
-        if record.top:
-            top_ids = torch.stack([t[0] for t in record.top], 1).tolist()  # [rows, steps, k]
-            top_lps = torch.stack([t[1] for t in record.top], 1).tolist()
-        use_esamp = state.distiller is not None
-        novelty = None
-        if use_esamp:
-            first = [float("nan")] * len(tokens)
-            later = torch.stack(record.novelty, 1).tolist() if record.novelty else [[] for _ in tokens]
-            novelty = [[f, *rest] for f, rest in zip(first, later, strict=True)]
-        losses = torch.stack(record.loss, 1).tolist() if record.loss else [[] for _ in range(state.groups)]
-        eos = set(self.loaded.eos_token_ids)
-
-        results: list[PromptResult] = []
-        for request in state.requests:
-            candidates = []
-            for s, row in enumerate(request.rows):
-                length = lengths[row]
-                ids = tokens[row][:length]
-                text = tracker.decode(ids)
-                stop_seq = None
-                if by_string[row]:
-                    text, stop_seq = cut_at_stop(text, sampling.stop)
-                ended = by_string[row] or (not sampling.ignore_eos and length > 0 and ids[-1] in eos)
-                if on_text is not None:
-                    rest = tracker.delta(row, final_text=text)
-                    if rest:
-                        on_text(request.index, s, rest)
-                candidates.append(
-                    Candidate(
-                        index=s,
-                        text=text,
-                        token_ids=ids,
-                        logprobs=logprobs[row][:length],
-                        finish_reason="stop" if ended else "length",
-                        prompt_tokens=len(request.prompt_ids),
-                        top_logprobs=(
-                            [
-                                list(zip(i, v, strict=True))
-                                for i, v in zip(top_ids[row][:length], top_lps[row][:length], strict=True)
-                            ]  # type: ignore[index]
-                            if top_ids is not None
-                            else None
-                        ),
-                        novelty=novelty[row][:length] if novelty is not None else None,
-                        stop_sequence=stop_seq,
-                    )
-                )
-            # decode steps >= 1 while any of this request's rows was live; a shared Distiller's curve is everyone's
-            steps_live = max(lengths[row] for row in request.rows)
-            curve = losses[0 if state.groups == 1 else request.index]
-            results.append(
-                PromptResult(
-                    prompt=tracker.decode(request.prompt_ids),
-                    prompt_token_ids=request.prompt_ids,
-                    candidates=candidates,
-                    distiller_loss=curve[: max(steps_live - 1, 0)] if use_esamp else [],
-                )
-            )
-        return results
 
     # ------------------------------------------------------------------ streaming
     def stream(

@@ -1,6 +1,7 @@
 """What one batched decode carries from step to step.
 
-The engine's loop is prefill -> (step)* -> finish around one :class:`DecodeState`.
+The engine's loop is prefill -> (step)* -> finish around one :class:`DecodeState`, which
+also builds the results at the end (everything moves to the host once).
 Everything the loop mutates lives here, so a step is a function of the state, and
 two planned extensions have a place to go without another rewrite:
 
@@ -20,13 +21,19 @@ two planned extensions have a place to go without another rewrite:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 
 from esamp_agents.decoding.distiller import BatchedDistiller
-from esamp_agents.decoding.text_tracking import TextTracker
+from esamp_agents.decoding.params import SamplingParams
+from esamp_agents.decoding.results import Candidate, PromptResult
+from esamp_agents.decoding.text_tracking import TextTracker, cut_at_stop
+
+TextCallback = Callable[[int, int, str], None]
+"""``on_text(prompt_index, sample_index, delta)``: streamed text that is final."""
 
 
 @runtime_checkable
@@ -97,5 +104,71 @@ class DecodeState:
     def rows(self) -> int:
         return int(self.live.shape[0])
 
+    def results(self, sampling: SamplingParams, on_text: TextCallback | None, lengths: list[int]) -> list[PromptResult]:
+        """Move everything to the host once and build each request's candidates (``lengths``: per row)."""
+        record, tracker = self.record, self.tracker
+        tokens = torch.stack(record.tokens, 1).tolist()  # [rows, steps]
+        logprobs = torch.stack(record.logprobs, 1).tolist()
+        by_string = self.stopped_by_string.tolist()
+        top_ids = top_lps = None
+        if record.top:
+            top_ids = torch.stack([t[0] for t in record.top], 1).tolist()  # [rows, steps, k]
+            top_lps = torch.stack([t[1] for t in record.top], 1).tolist()
+        use_esamp = self.distiller is not None
+        novelty = None
+        if use_esamp:
+            first = [float("nan")] * len(tokens)
+            later = torch.stack(record.novelty, 1).tolist() if record.novelty else [[] for _ in tokens]
+            novelty = [[f, *rest] for f, rest in zip(first, later, strict=True)]
+        losses = torch.stack(record.loss, 1).tolist() if record.loss else [[] for _ in range(self.groups)]
 
-__all__ = ["DecodeState", "Request", "RowConstraint", "StepRecord"]
+        results: list[PromptResult] = []
+        for request in self.requests:
+            candidates = []
+            for s, row in enumerate(request.rows):
+                length = lengths[row]
+                ids = tokens[row][:length]
+                text = tracker.decode(ids)
+                stop_seq = None
+                if by_string[row]:
+                    text, stop_seq = cut_at_stop(text, sampling.stop)
+                ended = by_string[row] or (length > 0 and ids[-1] in self.eos_ids)  # {-1} with ignore_eos
+                if on_text is not None:
+                    rest = tracker.delta(row, final_text=text)
+                    if rest:
+                        on_text(request.index, s, rest)
+                candidates.append(
+                    Candidate(
+                        index=s,
+                        text=text,
+                        token_ids=ids,
+                        logprobs=logprobs[row][:length],
+                        finish_reason="stop" if ended else "length",
+                        prompt_tokens=len(request.prompt_ids),
+                        top_logprobs=(
+                            [
+                                list(zip(i, v, strict=True))
+                                for i, v in zip(top_ids[row][:length], top_lps[row][:length], strict=True)
+                            ]  # type: ignore[index]
+                            if top_ids is not None
+                            else None
+                        ),
+                        novelty=novelty[row][:length] if novelty is not None else None,
+                        stop_sequence=stop_seq,
+                    )
+                )
+            # decode steps >= 1 while any of this request's rows was live; a shared Distiller's curve is everyone's
+            steps_live = max(lengths[row] for row in request.rows)
+            curve = losses[0 if self.groups == 1 else request.index]
+            results.append(
+                PromptResult(
+                    prompt=tracker.decode(request.prompt_ids),
+                    prompt_token_ids=request.prompt_ids,
+                    candidates=candidates,
+                    distiller_loss=curve[: max(steps_live - 1, 0)] if use_esamp else [],
+                )
+            )
+        return results
+
+
+__all__ = ["DecodeState", "Request", "RowConstraint", "StepRecord", "TextCallback"]
