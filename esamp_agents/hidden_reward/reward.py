@@ -79,7 +79,7 @@ class HiddenStateReward:
         if self.head.spec.kind != "hidden":
             raise ValueError(
                 f"HiddenStateReward needs a head of feature kind 'hidden', got {self.head.spec.kind!r} "
-                "(logprob heads go to esamp_agents.adapters.openai_logprobs.LogprobReward)"
+                "(logprob heads go to esamp_agents.adapters.logprob_reward.LogprobReward)"
             )
         self._model = model
         if isinstance(model, LoadedModel):
