@@ -9,6 +9,7 @@ recognised lazily, only when such an object is passed.
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
@@ -84,7 +85,43 @@ def content_text(content: Any) -> str:
     return "".join(parts)
 
 
-def _langchain_message(value: Any) -> dict[str, str] | None:
+def _openai_tool_calls(calls: Any) -> list[dict[str, Any]]:
+    """OpenAI ``tool_calls`` (arguments as JSON text) or LangChain's (``args`` dicts) -> ``{id, name, arguments}``."""
+    if not isinstance(calls, Sequence) or isinstance(calls, (str, bytes)):
+        raise ValueError(f"tool_calls must be a list, got {type(calls).__name__}")
+    out: list[dict[str, Any]] = []
+    for call in calls:
+        if not isinstance(call, Mapping):
+            raise ValueError(f"a tool call must be a dict, got {type(call).__name__}")
+        function = call.get("function", call)
+        name = function.get("name") if isinstance(function, Mapping) else None
+        if not isinstance(name, str):
+            raise ValueError(f"tool call {dict(call)!r} has no function name")
+        args: Any = function.get("args", function.get("arguments", {}))
+        if isinstance(args, str):
+            try:
+                args = json.loads(args) if args.strip() else {}
+            except json.JSONDecodeError:
+                raise ValueError(f"tool call {name!r} has arguments that are not JSON: {args[:80]!r}") from None
+        if not isinstance(args, Mapping):
+            raise ValueError(f"tool call {name!r} has arguments of type {type(args).__name__}; allowed: an object")
+        out.append({"id": call.get("id"), "name": name, "arguments": dict(args)})
+    return out
+
+
+def _with_tool_fields(message: dict[str, Any], source: Any, get: Any) -> dict[str, Any]:
+    """Copy the tool fields a chat needs (an assistant's calls, a tool result's call id and name)."""
+    calls = get(source, "tool_calls")
+    if calls:
+        message["tool_calls"] = _openai_tool_calls(calls)
+    for key in ("tool_call_id", "name"):
+        value = get(source, key)
+        if message["role"] == "tool" and isinstance(value, str) and value:
+            message[key] = value
+    return message
+
+
+def _langchain_message(value: Any) -> dict[str, Any] | None:
     """A LangChain ``BaseMessage`` -> dict, or None when ``value`` is not one.
 
     Never imports LangChain: a LangChain object exists only if its module is already loaded.
@@ -100,7 +137,8 @@ def _langchain_message(value: Any) -> dict[str, str] | None:
         raise ValueError(
             f"message type {value.type!r} is not supported; allowed: human, ai, system, tool, function, chat"
         )
-    return {"role": role, "content": content_text(value.content)}
+    message: dict[str, Any] = {"role": role, "content": content_text(value.content)}
+    return _with_tool_fields(message, value, lambda v, k: getattr(v, k, None))
 
 
 def _langchain_prompt(value: Any) -> list[Any] | None:
@@ -111,15 +149,20 @@ def _langchain_prompt(value: Any) -> list[Any] | None:
     return value.to_messages()
 
 
-def to_chat_message(value: Any) -> dict[str, str]:
-    """One message (dict, ``(role, content)`` pair, str = a user turn, LangChain message) -> dict."""
+def to_chat_message(value: Any) -> dict[str, Any]:
+    """One message (dict, ``(role, content)`` pair, str = a user turn, LangChain message) -> dict.
+
+    Besides ``role`` and ``content``, an assistant turn keeps its ``tool_calls`` (as
+    ``{"id", "name", "arguments": dict}``) and a tool turn its ``tool_call_id`` and ``name``.
+    """
     if isinstance(value, str):
         return {"role": "user", "content": value}
     if isinstance(value, Mapping):
         if "role" not in value:
             keys = sorted(map(str, value))
             raise ValueError(f"message dict with keys {keys} has no 'role'; allowed: {{'role', 'content'}}")
-        return {"role": chat_role(value["role"]), "content": content_text(value.get("content"))}
+        message: dict[str, Any] = {"role": chat_role(value["role"]), "content": content_text(value.get("content"))}
+        return _with_tool_fields(message, value, lambda v, k: v.get(k))
     if isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], str):
         return {"role": chat_role(value[0]), "content": content_text(value[1])}
     converted = _langchain_message(value)
@@ -128,7 +171,7 @@ def to_chat_message(value: Any) -> dict[str, str]:
     return converted
 
 
-def to_chat_messages(value: Any) -> list[dict[str, str]]:
+def to_chat_messages(value: Any) -> list[dict[str, Any]]:
     """Any chat input -> ``[{"role", "content"}, ...]`` for a tokenizer's chat template.
 
     Accepted: a str (one user turn), a ``{"role", "content"}`` dict (OpenAI roles, with

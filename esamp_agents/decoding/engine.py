@@ -29,12 +29,14 @@ import torch
 from torch.nn import functional as F
 from transformers import StaticCache
 
+from esamp_agents.constrained.grammar import Grammar
+from esamp_agents.constrained.matcher import GrammarConstraint
 from esamp_agents.decoding.distiller import BatchedDistiller
 from esamp_agents.decoding.loading import LoadedModel, load_model
 from esamp_agents.decoding.observers import DecodeObserver
 from esamp_agents.decoding.params import ESampParams, SamplingParams
 from esamp_agents.decoding.results import Candidate, GenerationResult, GenerationStats
-from esamp_agents.decoding.sampling import NEG_INF, Candidates, filter_candidates, sample_positions
+from esamp_agents.decoding.sampling import Candidates, filter_candidates, sample_positions
 from esamp_agents.decoding.state import DecodeState, Request, RowConstraint, TextCallback
 from esamp_agents.decoding.text_tracking import TextTracker
 
@@ -222,19 +224,55 @@ class ESampEngine:
         on_text: TextCallback | None = None,
         add_special_tokens: bool = True,
         cancel: threading.Event | None = None,
+        grammar: Grammar | Sequence[Grammar | None] | None = None,
     ) -> GenerationResult:
         """Sample ``sampling.n`` candidates for each prompt in one batched decode.
 
         ``on_text(prompt_index, sample_index, delta)`` receives text as it becomes
         final (never text that could still turn into a stop string). ``cancel``
         ends the request early; unfinished candidates then end with "length".
+        ``grammar`` constrains the output: one :class:`Grammar` for every row, or a list
+        with one entry (a Grammar or None) per prompt or per row (prompt-major). A
+        constrained candidate's ``extras["constraint_satisfied"]`` says whether its text is
+        complete under its grammar (False when ``max_new_tokens`` or a stop string cut it).
         """
         sampling = sampling or SamplingParams()
         esamp = esamp or ESampParams()
         encoded = self._prepare(prompts, sampling, add_special_tokens)
         self._check_observers(observers)
+        constraints = self._constraints(grammar, len(encoded), sampling)
         with self.loaded.lock, torch.no_grad():
-            return self._decode(encoded, sampling, esamp, observers, on_text, cancel)
+            return self._decode(encoded, sampling, esamp, observers, on_text, cancel, constraints)
+
+    def _constraints(
+        self, grammar: Grammar | Sequence[Grammar | None] | None, prompts: int, sampling: SamplingParams
+    ) -> tuple[RowConstraint, ...]:
+        """One :class:`GrammarConstraint` over the rows that have a grammar (none: no constraint stage)."""
+        if grammar is None:
+            return ()
+        rows = prompts * sampling.n
+        if isinstance(grammar, Grammar):
+            per_row: list[Grammar | None] = [grammar] * rows
+        elif isinstance(grammar, Sequence) and not isinstance(grammar, (str, bytes)):
+            items = list(grammar)
+            bad = [type(g).__name__ for g in items if g is not None and not isinstance(g, Grammar)]
+            if bad:
+                raise TypeError(f"grammar entries must be Grammar or None, got {bad[0]}")
+            if len(items) == prompts:
+                per_row = [g for g in items for _ in range(sampling.n)]
+            elif len(items) == rows:
+                per_row = items
+            else:
+                raise ValueError(
+                    f"grammar has {len(items)} entries; allowed: one Grammar, or {prompts} (one per prompt) "
+                    f"or {rows} (one per row: prompts x n)"
+                )
+        else:
+            raise TypeError(f"grammar must be a Grammar or a list of them, got {type(grammar).__name__}")
+        if all(g is None for g in per_row):
+            return ()
+        loaded = self.loaded  # the grammar's end tokens are the model's, also under ignore_eos
+        return (GrammarConstraint(per_row, loaded.tokenizer, loaded.vocab_size, loaded.eos_token_ids),)
 
     def _decode(
         self,
@@ -335,6 +373,7 @@ class ESampEngine:
             live=torch.ones(rows, dtype=torch.bool, device=device),
             lengths=torch.zeros(rows, dtype=torch.long, device=device),
             stopped_by_string=torch.zeros(rows, dtype=torch.bool, device=device),
+            completed=torch.zeros(rows, dtype=torch.bool, device=device),
             host_live=[True] * rows if tracker.active else None,
             constraints=tuple(constraints),
             prefill_seconds=time.perf_counter() - t0,
@@ -364,7 +403,7 @@ class ESampEngine:
         raw_logits = self._logits(h_final)
         logits = self._cap(raw_logits)
         for constraint in state.constraints:  # before the filters: fusion only touches finite survivors
-            logits = logits.masked_fill(~constraint.allowed(state), NEG_INF)
+            logits = constraint.apply(logits)
         if sampling.greedy:
             return logits.argmax(-1), logits, None
         cands = filter_candidates(logits, sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p)
@@ -416,6 +455,7 @@ class ESampEngine:
         for constraint in state.constraints:
             done = constraint.advance(tokens, state.live)
             if done is not None:
+                state.completed |= state.live & done & ~finished
                 finished |= state.live & done
         if state.host_live is not None:
             host_done = finished.tolist() if state.constraints else None
@@ -500,6 +540,7 @@ class ESampEngine:
         *,
         observers: Sequence[DecodeObserver] = (),
         add_special_tokens: bool = True,
+        grammar: Grammar | None = None,
     ) -> Iterator[StreamEvent]:
         """Stream one candidate's text (``sampling.n`` must be 1). Validation errors are
         raised here, before the first event; closing the iterator cancels decoding."""
@@ -509,10 +550,17 @@ class ESampEngine:
         esamp = esamp or ESampParams()
         encoded = self._prepare([prompt], sampling, add_special_tokens)
         self._check_observers(observers)
-        return self._stream_events(encoded[0], sampling, esamp, observers)
+        if grammar is not None:
+            self._constraints(grammar, 1, sampling)  # a bad grammar fails here, before the first event
+        return self._stream_events(encoded[0], sampling, esamp, observers, grammar)
 
     def _stream_events(
-        self, ids: list[int], sampling: SamplingParams, esamp: ESampParams, observers: Sequence[DecodeObserver]
+        self,
+        ids: list[int],
+        sampling: SamplingParams,
+        esamp: ESampParams,
+        observers: Sequence[DecodeObserver],
+        grammar: Grammar | None = None,
     ) -> Iterator[StreamEvent]:
         events: queue.Queue[tuple[str, Any]] = queue.Queue()
         cancel = threading.Event()
@@ -520,7 +568,7 @@ class ESampEngine:
         def work() -> None:
             try:
                 result = self.generate(
-                    [ids], sampling, esamp, observers=observers, cancel=cancel,
+                    [ids], sampling, esamp, observers=observers, cancel=cancel, grammar=grammar,
                     on_text=lambda _p, _s, delta: events.put(("text", delta)),
                 )  # fmt: skip
                 events.put(("done", result[0].candidates[0]))

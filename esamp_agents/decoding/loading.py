@@ -10,6 +10,7 @@ import importlib.metadata
 import importlib.util
 import os
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,15 +115,29 @@ class LoadedModel:
             pad = eos[0] if eos else 0
         return int(pad)
 
-    def chat_token_ids(self, messages: list[dict[str, str]]) -> list[int]:
+    def chat_token_ids(self, messages: list[dict[str, Any]], tools: Sequence[Any] = ()) -> list[int]:
         """Chat messages -> prompt token ids (the template already holds any special tokens)."""
-        text = self.apply_chat_template(messages)
+        text = self.apply_chat_template(messages, tools)
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
-        """Chat messages -> prompt text ending where the assistant's turn begins."""
+    @property
+    def template_reads_tools(self) -> bool:
+        """Whether the chat template renders ``tools`` itself (else they go in the system prompt)."""
+        from esamp_agents.tool_calling import template_reads_tools
+
+        return template_reads_tools(getattr(self.tokenizer, "chat_template", None))
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], tools: Sequence[Any] = ()) -> str:
+        """Chat messages (and :class:`~esamp_agents.tool_calling.ToolSpec` tools) -> prompt text
+        ending where the assistant's turn begins."""
+        from esamp_agents.tool_calling import render_for_template
+
+        messages, tools_arg = render_for_template(messages, list(tools), self.template_reads_tools)
         if getattr(self.tokenizer, "chat_template", None):
-            return str(self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+            extra = {"tools": tools_arg} if tools_arg else {}
+            return str(
+                self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **extra)
+            )
         # Base models without a template (e.g. GPT-2): a plain transcript.
         lines = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
         return "\n".join(lines) + "\nAssistant:"

@@ -6,11 +6,11 @@ Everything the loop mutates lives here, so a step is a function of the state, an
 two planned extensions have a place to go without another rewrite:
 
 * **Constrained decoding** (a grammar matcher per row): ``DecodeState.constraints``
-  holds :class:`RowConstraint` objects. Each step, their allowed-token masks are
-  applied to the logits *before* the sampling filters, so a forbidden token is
-  ``-inf`` among the filter survivors and ESamp's fusion (which only touches
-  finite survivors) can never bring it back; after sampling, a constraint may
-  finish rows (the grammar accepts). No constraint ships yet; the list is empty.
+  holds :class:`RowConstraint` objects (:class:`~esamp_agents.constrained.matcher.GrammarConstraint`).
+  Each step, they set forbidden tokens' logits to ``-inf`` *before* the sampling
+  filters, so ESamp's fusion (which only touches finite survivors) can never bring
+  one back; after sampling, a constraint may finish rows (the grammar is complete),
+  which then end with "stop".
 * **Continuous batching** (requests joining after their own prefill, leaving when
   finished): rows are grouped per :class:`Request` (its prompt, its rows), and the
   results are built per request. Today one call's requests share one
@@ -40,8 +40,9 @@ TextCallback = Callable[[int, int, str], None]
 class RowConstraint(Protocol):
     """A per-row restriction of the next token (the seam for grammar-constrained decoding)."""
 
-    def allowed(self, state: DecodeState) -> torch.Tensor:
-        """``[rows, vocab]`` bool, True where a row may emit the token this step (at least one per live row)."""
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """``[rows, vocab]`` logits with the tokens a row may not emit this step set to ``-inf``
+        (at least one stays finite per live row)."""
 
     def advance(self, tokens: torch.Tensor, live: torch.Tensor) -> torch.Tensor | None:
         """Consume this step's tokens; return ``[rows]`` bool of rows that are now complete, or None."""
@@ -91,6 +92,7 @@ class DecodeState:
     live: torch.Tensor  # [rows] bool: the row's next token still belongs to its candidate
     lengths: torch.Tensor  # [rows] tokens generated per row
     stopped_by_string: torch.Tensor  # [rows] bool
+    completed: torch.Tensor  # [rows] bool: a constraint finished the row (its grammar is complete)
     # Host copy of ``live``, kept when tokens come to the host anyway (text tracking), so
     # "is anything still live?" costs no device sync; None otherwise.
     host_live: list[bool] | None = None
@@ -110,6 +112,8 @@ class DecodeState:
         tokens = torch.stack(record.tokens, 1).tolist()  # [rows, steps]
         logprobs = torch.stack(record.logprobs, 1).tolist()
         by_string = self.stopped_by_string.tolist()
+        completed = self.completed.tolist()
+        satisfied = [getattr(c, "accepted", None) for c in self.constraints]
         top_ids = top_lps = None
         if record.top:
             top_ids = torch.stack([t[0] for t in record.top], 1).tolist()  # [rows, steps, k]
@@ -132,11 +136,16 @@ class DecodeState:
                 stop_seq = None
                 if by_string[row]:
                     text, stop_seq = cut_at_stop(text, sampling.stop)
-                ended = by_string[row] or (length > 0 and ids[-1] in self.eos_ids)  # {-1} with ignore_eos
+                ended = by_string[row] or completed[row] or (length > 0 and ids[-1] in self.eos_ids)
                 if on_text is not None:
                     rest = tracker.delta(row, final_text=text)
                     if rest:
                         on_text(request.index, s, rest)
+                extras: dict[str, Any] = {}
+                for accepted in satisfied:
+                    verdict = accepted(row) if accepted is not None else None
+                    if verdict is not None:  # the row had a grammar: is its text a complete sentence of it?
+                        extras["constraint_satisfied"] = bool(verdict and not by_string[row])
                 candidates.append(
                     Candidate(
                         index=s,
@@ -155,6 +164,7 @@ class DecodeState:
                         ),
                         novelty=novelty[row][:length] if novelty is not None else None,
                         stop_sequence=stop_seq,
+                        extras=extras,
                     )
                 )
             # decode steps >= 1 while any of this request's rows was live; a shared Distiller's curve is everyone's

@@ -57,15 +57,30 @@ def test_strings_and_dicts():
         U,
         {"role": "system", "content": "be brief"},
     ]
-    # OpenAI shapes: content parts, a tool-calling assistant turn without content, extra keys ignored
+    # OpenAI shapes: content parts, a tool-calling assistant turn without content (its calls kept,
+    # arguments parsed from JSON text), a tool result with its call id; other keys ignored
     parts = {"role": "user", "content": [{"type": "text", "text": "h"}, {"type": "text", "text": "i"}]}
-    calling = {"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]}
+    call = {"id": "1", "type": "function", "function": {"name": "add", "arguments": '{"a": 1}'}}
+    calling = {"role": "assistant", "content": None, "tool_calls": [call], "refusal": None}
     tool = {"role": "tool", "content": "42", "tool_call_id": "1"}
     assert to_chat_messages([parts, calling, tool]) == [
         U,
-        {"role": "assistant", "content": ""},
-        {"role": "tool", "content": "42"},
+        {"role": "assistant", "content": "", "tool_calls": [{"id": "1", "name": "add", "arguments": {"a": 1}}]},
+        {"role": "tool", "content": "42", "tool_call_id": "1"},
     ]
+
+
+def test_bad_tool_calls_are_refused_with_the_reason():
+    import pytest
+
+    for calls, match in [
+        ([{"id": "1"}], "no function name"),
+        ([{"function": {"name": "f", "arguments": "{oops"}}], "not JSON"),
+        ([{"function": {"name": "f", "arguments": "[1]"}}], "allowed: an object"),
+        ("f", "must be a list"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            to_chat_messages([{"role": "assistant", "content": "", "tool_calls": calls}])
 
 
 def test_pairs_and_langchain_messages():
@@ -87,8 +102,8 @@ def test_pairs_and_langchain_messages():
         {"role": "system", "content": "s"},
         U,
         {"role": "assistant", "content": "ok"},
-        {"role": "tool", "content": "42"},
-        {"role": "tool", "content": "7"},
+        {"role": "tool", "content": "42", "tool_call_id": "1"},
+        {"role": "tool", "content": "7", "name": "f"},
         {"role": "system", "content": "d"},
         {"role": "assistant", "content": "chunk"},
     ]

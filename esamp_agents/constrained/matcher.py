@@ -1,0 +1,135 @@
+"""The constraint stage of the decode loop: one grammar matcher per constrained row.
+
+Each step, :meth:`GrammarConstraint.apply` sets the logits of tokens the row's grammar
+forbids to ``-inf`` (before the sampling filters, so ESamp's fusion, which only touches
+finite survivors, can never bring one back); :meth:`GrammarConstraint.advance` feeds the
+sampled tokens to the matchers and reports rows whose grammar is complete (nothing but an
+end token could follow), which the loop then retires. Rows without a grammar are untouched.
+
+The end tokens are the engine's: when a grammar accepts, an end token is allowed, and
+sampling one ends the row as usual. A row cut off by ``max_tokens`` ends with "length",
+and its text is not a sentence of the grammar (callers must not treat it as valid).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Any
+from weakref import WeakKeyDictionary
+
+import llguidance
+import llguidance.hf
+import torch
+
+from esamp_agents.constrained.grammar import Grammar, GrammarError
+
+_TOKENIZERS: WeakKeyDictionary[Any, Any] = WeakKeyDictionary()
+_TOKENIZERS_LOCK = threading.Lock()
+_BITS = torch.arange(32, dtype=torch.int32)
+
+
+def engine_tokenizer(tokenizer: Any, vocab_size: int, eos_ids: Sequence[int]) -> Any:
+    """llguidance's view of a Hugging Face fast tokenizer (~0.4 s to build; cached per tokenizer)."""
+    key = (vocab_size, tuple(eos_ids))
+    with _TOKENIZERS_LOCK:
+        cached = _TOKENIZERS.get(tokenizer)
+        if cached is not None and key in cached:
+            return cached[key]
+        try:
+            built = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size, eos_token=list(eos_ids) or None)
+        except ValueError as exc:
+            raise GrammarError(
+                f"constrained decoding needs a fast (Rust) Hugging Face tokenizer; {type(tokenizer).__name__}: {exc}"
+            ) from None
+        _TOKENIZERS.setdefault(tokenizer, {})[key] = built
+        return built
+
+
+def _unpack(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
+    """``[rows, ceil(vocab / 32)]`` int32 bitmask -> ``[rows, vocab]`` bool (True = allowed)."""
+    bits = (bitmask.unsqueeze(-1) >> _BITS) & 1
+    return bits.view(bitmask.shape[0], -1)[:, :vocab].bool()
+
+
+class GrammarConstraint:
+    """Per-row grammar matchers (a :class:`~esamp_agents.decoding.state.RowConstraint`).
+
+    ``grammars[row]`` is that row's :class:`Grammar`, or None for an unconstrained row.
+    Building it compiles every distinct grammar once (errors: :class:`GrammarError`).
+    """
+
+    def __init__(self, grammars: Sequence[Grammar | None], tokenizer: Any, vocab_size: int, eos_ids: Sequence[int]):
+        self.vocab_size = vocab_size
+        self._tokenizer = engine_tokenizer(tokenizer, vocab_size, eos_ids)
+        self.rows = [row for row, g in enumerate(grammars) if g is not None]
+        compiled: dict[Grammar, str] = {}
+        self.matchers: list[Any] = []
+        for row in self.rows:
+            grammar = grammars[row]
+            assert grammar is not None
+            text = compiled.setdefault(grammar, grammar.engine_text())
+            matcher = llguidance.LLMatcher(self._tokenizer, text, log_level=0)
+            if matcher.is_error():
+                raise GrammarError(f"{grammar.describe()} cannot be enforced: {matcher.get_error()}")
+            self.matchers.append(matcher)
+        self.done = [False] * len(self.rows)  # per constrained row: the grammar is complete (or failed)
+        self.errors: dict[int, str] = {}  # row -> matcher error (a token the mask allowed was refused)
+        self._bitmask = torch.full((len(self.rows), (vocab_size + 31) // 32), -1, dtype=torch.int32)
+        self._index = torch.tensor(self.rows, dtype=torch.long)
+        self._executor = llguidance.LLExecutor(num_threads=2) if len(self.rows) > 1 else None
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """``[rows, vocab]`` logits with every token a row's grammar forbids set to ``-inf``."""
+        if not self.rows:
+            return logits
+        todo = [(m, i) for i, (m, done) in enumerate(zip(self.matchers, self.done, strict=True)) if not done]
+        self._bitmask.fill_(-1)  # finished rows allow everything (their token is dropped anyway)
+        if self._executor is not None and len(todo) > 1:
+            width = self._bitmask.shape[1]
+            self._executor.unsafe_compute_mask_ptr(todo, self._bitmask.data_ptr(), width * 4, len(self.rows))
+        else:
+            for matcher, i in todo:
+                row = self._bitmask[i]
+                matcher.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * 4)
+        allowed = _unpack(self._bitmask, self.vocab_size).to(logits.device)
+        vocab = logits.shape[-1]
+        if vocab > self.vocab_size:  # model vocab padded past the tokenizer's: padding is never allowed
+            extra = torch.zeros((len(self.rows), vocab - self.vocab_size), dtype=torch.bool, device=logits.device)
+            allowed = torch.cat([allowed, extra], dim=-1)
+        index = self._index.to(logits.device)
+        rows = logits.index_select(0, index).masked_fill(~allowed[:, :vocab], float("-inf"))
+        return logits.index_copy(0, index, rows)
+
+    def advance(self, tokens: torch.Tensor, live: torch.Tensor) -> torch.Tensor | None:
+        """Feed each live constrained row its token; ``[rows]`` bool of rows whose grammar just completed."""
+        if not self.rows:
+            return None
+        host_tokens = tokens.tolist()
+        host_live = live.tolist()
+        finished: list[int] = []
+        for i, (row, matcher) in enumerate(zip(self.rows, self.matchers, strict=True)):
+            if self.done[i] or not host_live[row]:
+                continue
+            if not matcher.consume_token(host_tokens[row]):
+                self.errors[row] = matcher.get_error() or f"token {host_tokens[row]} refused"
+                self.done[i] = True
+                finished.append(row)
+            elif matcher.is_stopped():
+                self.done[i] = True
+                finished.append(row)
+        if not finished:
+            return None
+        out = torch.zeros(len(host_tokens), dtype=torch.bool)
+        out[finished] = True
+        return out.to(tokens.device)
+
+    def accepted(self, row: int) -> bool | None:
+        """Whether ``row``'s output so far is a complete sentence of its grammar (None: unconstrained)."""
+        if row not in self.rows:
+            return None
+        i = self.rows.index(row)
+        return row not in self.errors and (self.matchers[i].is_stopped() or self.matchers[i].is_accepting())
+
+
+__all__ = ["GrammarConstraint", "engine_tokenizer"]
