@@ -113,7 +113,9 @@ def resolve_tool_choice(choice: Any, specs: Sequence[ToolSpec]) -> str:
     if choice is None:
         return "auto"
     if choice is True:
-        return names[0] if len(names) == 1 else "required"
+        if len(names) == 1:
+            return names[0]
+        choice = "required"  # checked below like the string (no tools bound: an error)
     if isinstance(choice, Mapping):
         inner = choice.get("function", choice)
         choice = inner.get("name") if isinstance(inner, Mapping) else None
@@ -187,8 +189,9 @@ def parse_tool_calls(text: str, specs: Sequence[ToolSpec] = ()) -> ParsedReply:
     while (start := text.find(CALL_OPEN, pos)) >= 0:
         pieces.append(text[pos:start])
         body = start + len(CALL_OPEN)
+        first = len(text) - len(text[body:].lstrip(" \n"))  # Hermes/Qwen write "<tool_call>\n{...}\n</tool_call>"
         try:
-            payload, end = decoder.raw_decode(text, body)
+            payload, end = decoder.raw_decode(text, first)
         except json.JSONDecodeError as exc:
             close = text.find(CALL_CLOSE, body)
             raw = text[body:] if close < 0 else text[body:close]
