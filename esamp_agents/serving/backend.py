@@ -4,13 +4,18 @@
 swapped: it validates a body into a :class:`~esamp_agents.serving.protocol.ParsedRequest`,
 queues it as a :class:`Job` and answers with an OpenAI response body (built with
 :mod:`esamp_agents.openai_format`) or, streamed, with ``("text", delta)`` events and a final
-``("done", (choice, usage))``. ONE worker thread owns the engine, so concurrent requests are
-decoded one at a time (the engine serialises on the model's lock anyway; the queue also
-bounds how many wait). Failures are :class:`~esamp_agents.serving.protocol.RequestError`.
+``("done", (choice, usage))``; :func:`text_delta` and :func:`stream_tail` shape the stream's
+choices. With tools bound, a candidate whose grammar accepted its whole text becomes
+``message.tool_calls`` with ``finish_reason: "tool_calls"`` (:func:`tool_call_message`); a
+streamed one holds its text back and sends the calls (or the text) at the end. ONE worker
+thread owns the engine, so concurrent requests are decoded one at a time (the engine
+serialises on the model's lock anyway; the queue also bounds how many wait). Failures are
+:class:`~esamp_agents.serving.protocol.RequestError`.
 """
 
 from __future__ import annotations
 
+import json
 import queue
 import threading
 import time
@@ -25,6 +30,7 @@ from esamp_agents.decoding.params import SamplingParams
 from esamp_agents.decoding.results import Candidate, GenerationResult
 from esamp_agents.openai_format import TokenRenderer, chat_logprobs, completion_logprobs, renderer_for, request_usage
 from esamp_agents.serving.protocol import ParsedRequest, RequestError, ServeDefaults, parse_request
+from esamp_agents.tool_calling import CALL_OPEN, parse_tool_calls
 
 DEFAULT_MAX_BATCH_TOKENS = 1 << 18
 """rows x (prompt + max_tokens) per request: bounds the preallocated KV cache."""
@@ -142,7 +148,16 @@ class OpenAIBackend:
     def _prompt_ids(self, request: ParsedRequest) -> list[list[int]]:
         tokenizer = self.loaded.tokenizer
         if request.kind == "chat":
-            return [self.loaded.chat_token_ids(list(request.messages))]
+            from jinja2 import TemplateError  # what a chat template raises on a conversation it refuses
+
+            try:
+                return [self.loaded.chat_token_ids(list(request.messages), tools=request.prompt_tools)]
+            except (TemplateError, ValueError) as exc:
+                raise RequestError(
+                    f"the model's chat template cannot render these messages: {exc}; allowed: a conversation "
+                    "the template accepts (e.g. tool results right after the assistant turn that called them)",
+                    param="messages",
+                ) from None
         ids = []
         for p in request.prompts:
             ids.append(list(tokenizer(p)["input_ids"]) if isinstance(p, str) else list(p))
@@ -190,7 +205,13 @@ class OpenAIBackend:
         sampling = self._sampling(request, prompt_ids)
         try:
             return self.engine.generate(
-                prompt_ids, sampling, request.esamp, on_text=on_text, cancel=job.cancel, add_special_tokens=False
+                prompt_ids,
+                sampling,
+                request.esamp,
+                on_text=on_text,
+                cancel=job.cancel,
+                add_special_tokens=False,
+                grammar=request.grammar,
             )
         except ValueError as exc:  # the engine validates its inputs with ValueError
             raise RequestError(str(exc)) from exc
@@ -203,8 +224,13 @@ class OpenAIBackend:
             )
             logprobs = chat if request.kind == "chat" else completion_logprobs(chat)
         if request.kind == "chat":
-            message = {"role": "assistant", "content": candidate.text, "refusal": None}
-            return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": candidate.finish_reason}
+            message: dict[str, Any] = {"role": "assistant", "content": candidate.text, "refusal": None}
+            finish_reason = candidate.finish_reason
+            called = tool_call_message(request, candidate)
+            if called is not None:
+                message["content"], message["tool_calls"] = called
+                finish_reason = "tool_calls"
+            return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
         return {"index": index, "text": candidate.text, "logprobs": logprobs, "finish_reason": candidate.finish_reason}
 
     def complete(self, job: Job) -> dict[str, Any]:
@@ -227,10 +253,14 @@ class OpenAIBackend:
         }
 
     def stream_worker(self, job: Job) -> None:
-        """Decode one candidate, posting ("text", delta) events and then ("done", body parts)."""
+        """Decode one candidate, posting ("text", delta) events and then ("done", body parts).
+
+        With tools offered, no text events: the reply is only known to be a tool call or text at
+        its end, so :func:`stream_tail` sends it then."""
         assert job.events is not None
         events = job.events
-        result = self._generate(job, on_text=lambda _p, _s, delta: events.put(("text", delta)))
+        on_text = None if job.request.calls_tools else lambda _p, _s, delta: events.put(("text", delta))
+        result = self._generate(job, on_text=on_text)
         candidate = result[0].candidates[0]
         events.put(("done", (self._choice(job.request, candidate, 0), request_usage(result))))
 
@@ -241,6 +271,61 @@ class OpenAIBackend:
         future = self.submit(job, self.stream_worker)
         future.add_done_callback(lambda f: _post_failure(job, f))
         return future, _events(job.events)
+
+
+def tool_call_message(request: ParsedRequest, candidate: Candidate) -> tuple[str | None, list[dict[str, Any]]] | None:
+    """(content or None, OpenAI ``tool_calls``) of a candidate that called tools, else None.
+
+    Only a complete call counts: the candidate's grammar accepted its whole text (not cut by
+    ``max_tokens`` or a stop string) and it took the grammar's call branch (under ``"auto"`` a
+    text answer may quote ``<tool_call>`` later on; that stays text). Arguments are JSON text,
+    as OpenAI sends them."""
+    if not request.calls_tools or candidate.extras.get("constraint_satisfied") is not True:
+        return None
+    if not candidate.text.startswith(CALL_OPEN):
+        return None
+    reply = parse_tool_calls(candidate.text, request.tools)
+    if not reply.calls or reply.invalid:
+        return None
+    calls = [
+        {
+            "id": call.id,
+            "type": "function",
+            "function": {"name": call.name, "arguments": json.dumps(call.args, ensure_ascii=False)},
+        }
+        for call in reply.calls
+    ]
+    return reply.content or None, calls
+
+
+def text_delta(request: ParsedRequest, text: str, first: bool = False) -> dict[str, Any]:
+    """One streamed choice carrying ``text`` (the first chat chunk also names the role)."""
+    if request.kind == "chat":
+        delta: dict[str, Any] = {"role": "assistant", "content": text} if first else {"content": text}
+        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
+    return {"index": 0, "text": text, "logprobs": None, "finish_reason": None}
+
+
+def stream_tail(request: ParsedRequest, choice: dict[str, Any]) -> list[dict[str, Any]]:
+    """The streamed choices after the text deltas, from the whole ``choice`` (as :meth:`OpenAIBackend.complete`
+    builds it): text held back while tools were offered, or the tool calls as OpenAI streams them
+    (``delta.tool_calls=[{"index", "id", "type", "function": {"name", "arguments"}}]``), then the
+    closing choice with ``finish_reason`` and the logprobs."""
+    out: list[dict[str, Any]] = []
+    if request.kind == "chat" and request.calls_tools:
+        message = choice["message"]
+        if message["content"]:
+            out.append(text_delta(request, message["content"]))
+        for i, call in enumerate(message.get("tool_calls") or []):
+            delta = {"tool_calls": [{"index": i, **call}]}
+            out.append({"index": 0, "delta": delta, "logprobs": None, "finish_reason": None})
+    last = text_delta(request, "")
+    if request.kind == "chat":
+        last["delta"] = {}
+    last["logprobs"] = choice["logprobs"]
+    last["finish_reason"] = choice["finish_reason"]
+    out.append(last)
+    return out
 
 
 def _post_failure(job: Job, future: Future[Any]) -> None:
@@ -257,4 +342,12 @@ def _events(events: queue.Queue[tuple[str, Any]]) -> Iterator[tuple[str, Any]]:
             return
 
 
-__all__ = ["DEFAULT_MAX_BATCH_TOKENS", "DEFAULT_MAX_QUEUE", "Job", "OpenAIBackend"]
+__all__ = [
+    "DEFAULT_MAX_BATCH_TOKENS",
+    "DEFAULT_MAX_QUEUE",
+    "Job",
+    "OpenAIBackend",
+    "stream_tail",
+    "text_delta",
+    "tool_call_message",
+]

@@ -23,6 +23,8 @@ a wrong API key (only when the server has one), 404 for an unknown model or path
 body over the size limit, 503 when the queue is full or the server is stopping, 500 for an
 internal error (with its message). Streams send ``data: {chunk}\\n\\n`` events and
 ``data: [DONE]``; with logprobs requested, a stream's token logprobs come in its final chunk.
+With tools offered, a stream holds the reply back and sends it at the end: as
+``delta.tool_calls`` (OpenAI's chunk shape) when it is a complete tool call, else as text.
 """
 
 from __future__ import annotations
@@ -39,7 +41,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, TextIO
 
 from esamp_agents.decoding.loading import EMBEDDED, LoadedModel, load_model
-from esamp_agents.serving.backend import DEFAULT_MAX_BATCH_TOKENS, DEFAULT_MAX_QUEUE, Job, OpenAIBackend
+from esamp_agents.serving.backend import (
+    DEFAULT_MAX_BATCH_TOKENS,
+    DEFAULT_MAX_QUEUE,
+    Job,
+    OpenAIBackend,
+    stream_tail,
+    text_delta,
+)
 from esamp_agents.serving.protocol import RequestError, ServeDefaults, _is_int
 
 DEFAULT_HOST = "127.0.0.1"
@@ -208,29 +217,17 @@ class _Handler(BaseHTTPRequestHandler):
                 body["usage"] = usage
             return body
 
-        def delta(text: str, first_chunk: bool = False) -> dict[str, Any]:
-            if chat:
-                d: dict[str, Any] = {"content": text}
-                if first_chunk:
-                    d = {"role": "assistant", "content": text}
-                return {"index": 0, "delta": d, "logprobs": None, "finish_reason": None}
-            return {"index": 0, "text": text, "logprobs": None, "finish_reason": None}
-
         try:
             if chat:
-                self._sse(chunk(delta("", first_chunk=True)))
+                self._sse(chunk(text_delta(request, "", first=True)))
             for kind, payload in _chain([first], events):
                 if kind == "text":
                     if payload:
-                        self._sse(chunk(delta(payload)))
+                        self._sse(chunk(text_delta(request, payload)))
                 elif kind == "done":
                     choice, usage = payload
-                    last = delta("")
-                    last["logprobs"] = choice["logprobs"]
-                    last["finish_reason"] = choice["finish_reason"]
-                    if chat:
-                        last["delta"] = {}
-                    self._sse(chunk(last))
+                    for part in stream_tail(request, choice):
+                        self._sse(chunk(part))
                     if request.include_usage:
                         self._sse(chunk(None, usage))
                     break

@@ -5,65 +5,19 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import threading
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 import pytest
 
 from esamp_agents.cli.serve import add_serve_command, run_serve
 from esamp_agents.serving import Server, serve_forever
 from esamp_agents.serving.protocol import ParsedRequest, RequestError, ServeDefaults, parse_request
+from tests.model.serving.wire import USER, assert_openai_error, get, post
 
 pytestmark = pytest.mark.allow_hosts(["127.0.0.1"])
 openai = pytest.importorskip("openai")
-
-USER = [{"role": "user", "content": "Say hi."}]
-
-
-@pytest.fixture(scope="module")
-def server(embedded) -> Iterator[Server]:
-    with Server(embedded, port=0, max_body_bytes=64 * 1024) as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def client(server) -> Any:
-    return openai.OpenAI(base_url=server.url, api_key="x", max_retries=0, timeout=120)
-
-
-def post(url: str, body: Any, *, raw: bytes | None = None, headers: dict[str, str] | None = None) -> tuple[int, Any]:
-    data = raw if raw is not None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})})
-    try:
-        with urllib.request.urlopen(request, timeout=120) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
-
-
-def get(url: str) -> tuple[int, Any]:
-    try:
-        with urllib.request.urlopen(url, timeout=30) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
-
-
-def assert_openai_error(body: Any, param: str | None = None) -> dict[str, Any]:
-    assert set(body) == {"error"}
-    error = body["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    assert isinstance(error["message"], str) and error["message"]
-    if param is not None:
-        assert error["param"] == param, error
-    return error
-
 
 # --------------------------------------------------------------------------- models and routing
 
@@ -105,7 +59,12 @@ def test_models_and_unknown_paths(server):
         ({"messages": []}, "messages"),
         ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "messages[0].content"),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools[0].function.name"),
+        ({"tool_choice": "required"}, "tool_choice"),  # tool_choice needs tools
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}},
+            "response_format.json_schema.schema",
+        ),
         ({"presence_penalty": 0.5}, "presence_penalty"),
         ({"frobnicate": 1}, "frobnicate"),
         ({"model": None}, "model"),
