@@ -3,8 +3,8 @@
 The model calls a tool by writing ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``
 (the Hermes/Qwen syntax most open chat templates with tool support use). Decoding is
 constrained by :func:`tool_call_grammar`, so the JSON always parses and matches one tool's
-parameter schema; with ``tool_choice="auto"`` the grammar allows either a text answer (any
-text that does not start with ``<``) or tool calls.
+parameter schema (no keys beyond its properties); with ``tool_choice="auto"`` the grammar
+allows either a text answer (any text that does not start with ``<``) or tool calls.
 
 The tools reach the model through its chat template when the template reads ``tools``;
 otherwise (SmolLM2's template has no tool support) :func:`render_for_template` puts them in
@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from esamp_agents.constrained.grammar import JSON_OPTIONS, Grammar, GrammarError, check_json_schema
+from esamp_agents.constrained.grammar import JSON_OPTIONS, Grammar, GrammarError, check_json_schema, closed_schema
 
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 RESPONSE_OPEN, RESPONSE_CLOSE = "<tool_response>", "</tool_response>"
@@ -94,13 +94,13 @@ def tool_spec(tool: Mapping[str, Any]) -> ToolSpec:
 
 
 def tool_specs(tools: Sequence[Mapping[str, Any]]) -> list[ToolSpec]:
-    """Check and convert a tool list; names must be unique."""
-    specs = [tool_spec(t) for t in tools]
-    names = [s.name for s in specs]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise ValueError(f"tool names {dupes} appear more than once; allowed: unique names")
-    return specs
+    """Check and convert a tool list. A name given twice (e.g. a pydantic model and its JSON
+    schema) is one tool: the first definition is kept."""
+    specs: dict[str, ToolSpec] = {}
+    for tool in tools:
+        spec = tool_spec(tool)
+        specs.setdefault(spec.name, spec)
+    return list(specs.values())
 
 
 def resolve_tool_choice(choice: Any, specs: Sequence[ToolSpec]) -> str:
@@ -138,7 +138,7 @@ def _call_schema(specs: Sequence[ToolSpec]) -> dict[str, Any]:
     options = [
         {
             "type": "object",
-            "properties": {"name": {"const": s.name}, "arguments": dict(s.parameters)},
+            "properties": {"name": {"const": s.name}, "arguments": closed_schema(dict(s.parameters))},
             "required": ["name", "arguments"],
             "additionalProperties": False,
         }

@@ -59,6 +59,24 @@ def check_json_schema(schema: Any) -> dict[str, Any]:
     return schema
 
 
+def closed_schema(schema: Any) -> Any:
+    """``schema`` with ``additionalProperties: false`` on every object schema that lists
+    ``properties`` and says nothing about extra keys (what OpenAI's strict mode requires).
+
+    JSON Schema allows any extra key by default, and a small model takes the chance (e.g. a
+    ``"type": "integer"`` copied from the prompt into a tool's arguments); tool arguments and
+    LangChain's structured output use this, a user's own ``Grammar.json_schema`` does not.
+    """
+    if isinstance(schema, list):
+        return [closed_schema(s) for s in schema]
+    if not isinstance(schema, Mapping):
+        return schema
+    out = {key: closed_schema(value) for key, value in schema.items()}
+    if "properties" in out and "additionalProperties" not in out and "patternProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
 def schema_grammar_text(schema: Mapping[str, Any]) -> str:
     """llguidance's grammar for ``schema``, compact JSON (see :data:`JSON_OPTIONS`)."""
     return llguidance.LLMatcher.grammar_from_json_schema(dict(schema), defaults=dict(JSON_OPTIONS))  # type: ignore[arg-type]
@@ -136,4 +154,12 @@ class Grammar:
         return llguidance.LLMatcher.grammar_from_lark(self.source)
 
 
-__all__ = ["GRAMMAR_KINDS", "JSON_OPTIONS", "Grammar", "GrammarError", "GrammarKind", "check_json_schema"]
+__all__ = [
+    "GRAMMAR_KINDS",
+    "JSON_OPTIONS",
+    "Grammar",
+    "GrammarError",
+    "GrammarKind",
+    "check_json_schema",
+    "closed_schema",
+]

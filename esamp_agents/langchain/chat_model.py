@@ -18,6 +18,7 @@ from langchain_core.runnables.config import run_in_executor
 from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
 from langchain_core.utils.pydantic import is_basemodel_subclass
 
+from esamp_agents.constrained.grammar import closed_schema
 from esamp_agents.decoding.loading import EMBEDDED, LoadedModel, load_model
 from esamp_agents.decoding.results import Candidate
 from esamp_agents.langchain.common import (
@@ -202,9 +203,10 @@ class ChatESamp(ESampLangChainMixin, BaseChatModel):
         """Replies parsed into ``schema`` (pydantic class, TypedDict or JSON schema dict).
 
         ``method``: "json_schema" (default: the reply is JSON constrained to the schema),
-        "function_calling" (a forced call of a tool with that schema) or "json_mode" (any JSON
-        object; ``schema`` optional). ``include_raw=True`` returns ``{"raw", "parsed",
-        "parsing_error"}``. Unsupported schema features raise now, before any decoding.
+        "function_calling" (a forced call of a tool with that schema) or "json_mode" (a JSON
+        object; ``schema`` optional, and when given the object is held to it as well).
+        ``include_raw=True`` returns ``{"raw", "parsed", "parsing_error"}``. Unsupported schema
+        features raise now, before any decoding.
         """
         if kwargs:
             raise ValueError(f"unknown keyword arguments {sorted(kwargs)}; allowed: method, include_raw, strict")
@@ -227,9 +229,8 @@ class ChatESamp(ESampLangChainMixin, BaseChatModel):
                 else JsonOutputKeyToolsParser(key_name=name, first_tool_only=True)
             )
         else:
-            if method == "json_schema":
-                assert schema is not None
-                json_schema = convert_to_json_schema(schema)
+            if schema is not None:  # json_mode with a schema is held to it too: a reply the parser rejects helps no one
+                json_schema = closed_schema(convert_to_json_schema(schema))  # no keys beyond the schema's
                 name = str(json_schema.get("title") or "response")
                 response_format: dict[str, Any] = {
                     "type": "json_schema",

@@ -386,6 +386,8 @@ def candidate_info(
     }
     if candidate.stop_sequence is not None:
         info["stop_sequence"] = candidate.stop_sequence
+    if "constraint_satisfied" in candidate.extras:  # the reply had a grammar: is it complete under it?
+        info["constraint_satisfied"] = candidate.extras["constraint_satisfied"]
     if candidate.novelty is not None:
         finite = [v for v in candidate.novelty if not math.isnan(v)]
         info["novelty_mean"] = sum(finite) / len(finite) if finite else float("nan")

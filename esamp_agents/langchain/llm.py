@@ -10,6 +10,7 @@ from langchain_core.language_models import BaseLLM, LangSmithParams
 from langchain_core.outputs import Generation, GenerationChunk, LLMResult
 from langchain_core.runnables.config import run_in_executor
 
+from esamp_agents.constrained.grammar import Grammar
 from esamp_agents.decoding.loading import EMBEDDED, LoadedModel, load_model
 from esamp_agents.langchain.common import (
     CallConfig,
@@ -20,6 +21,7 @@ from esamp_agents.langchain.common import (
     split_observers,
 )
 from esamp_agents.langchain.decode_rewards import CallExtras, DecodeRewards
+from esamp_agents.langchain.tools import split_grammar
 from esamp_agents.openai_format import renderer_for, request_usage
 
 
@@ -35,6 +37,10 @@ class ESampLLM(ESampLangChainMixin, BaseLLM):
     ``RewardError`` unless ``on_reward_error="skip"`` (then ``"reward_errors": {name: message}``
     says why). A per-call ``observers=[DecodeObserver, ...]`` reads hidden states the same
     way. Both work with ``generate``/``invoke``/``stream`` and require caching off (the default).
+    A per-call ``grammar=`` (a :class:`~esamp_agents.constrained.Grammar`: JSON schema, regex
+    or Lark; or a list, one per prompt) or ``response_format=`` (OpenAI's json_object /
+    json_schema) constrains the completions; ``generation_info["constraint_satisfied"]`` says
+    whether a completion is complete under its grammar (False when cut by ``max_tokens``).
     ``invoke`` returns the first candidate only, as for every LangChain model; use
     ``generate`` to get all ``n`` per prompt (with per-candidate ``generation_info``:
     finish reason, token counts, mean logprob, ESamp novelty and, when asked, logprobs in
@@ -86,9 +92,12 @@ class ESampLLM(ESampLangChainMixin, BaseLLM):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> LLMResult:
+        grammar, kwargs = split_grammar(kwargs)
         extras, kwargs = split_observers(kwargs)
         call = self._resolve_call(stop, kwargs)
         check_prompts(prompts)
+        if isinstance(grammar, list) and len(grammar) != len(prompts):
+            raise ValueError(f"grammar has {len(grammar)} entries for {len(prompts)} prompts; allowed: one per prompt")
         loaded = self._resolve_model(call.model_name)
         scoring = DecodeRewards(extras.rewards, loaded, extras.on_reward_error)
         on_text = None
@@ -99,8 +108,9 @@ class ESampLLM(ESampLangChainMixin, BaseLLM):
                 run_manager.on_llm_new_token(delta, chunk=GenerationChunk(text=delta, generation_info=info))
 
         result = self._engine(loaded).generate(
-            list(prompts), call.sampling, call.esamp, observers=extras.observers + scoring.observers, on_text=on_text
-        )
+            list(prompts), call.sampling, call.esamp, observers=extras.observers + scoring.observers, on_text=on_text,
+            grammar=grammar,
+        )  # fmt: skip
         renderer = renderer_for(loaded.tokenizer) if call.logprobs else None
         eos_ids = loaded.eos_token_ids
         scores = scoring.per_candidate([len(pr.candidates) for pr in result])
@@ -134,28 +144,38 @@ class ESampLLM(ESampLangChainMixin, BaseLLM):
         **kwargs: Any,
     ) -> LLMResult:
         # Validate on the event loop (cheap, fails fast); decode in a worker thread.
-        self._resolve_call(stop, split_observers(kwargs)[1])
+        self._resolve_call(stop, split_observers(split_grammar(kwargs)[1])[1])
         check_prompts(prompts)
         sync_manager = run_manager.get_sync() if run_manager else None
         return await run_in_executor(None, self._generate, prompts, stop, sync_manager, **kwargs)
 
     # -- streaming -------------------------------------------------------------------------
 
-    def _stream_call(self, stop: list[str] | None, kwargs: dict[str, Any]) -> tuple[CallConfig, CallExtras]:
+    def _stream_call(
+        self, stop: list[str] | None, kwargs: dict[str, Any]
+    ) -> tuple[CallConfig, CallExtras, Grammar | None]:
+        grammar, kwargs = split_grammar(kwargs)
         extras, kwargs = split_observers(kwargs)
         call = self._resolve_call(stop, kwargs)
         if call.sampling.n != 1:
             raise ValueError(f"n={call.sampling.n} cannot be streamed; allowed: n=1 (use generate() for N candidates)")
-        return call, extras
+        if isinstance(grammar, list):
+            if len(grammar) != 1:
+                raise ValueError(f"grammar has {len(grammar)} entries for 1 prompt; allowed: one")
+            grammar = grammar[0]
+        return call, extras, grammar
 
-    def _events(self, prompt: str, call: CallConfig, extras: CallExtras | None = None) -> Iterator[GenerationChunk]:
+    def _events(
+        self, prompt: str, call: CallConfig, extras: CallExtras | None = None, grammar: Grammar | None = None
+    ) -> Iterator[GenerationChunk]:
         extras = extras or CallExtras()
         loaded = self._resolve_model(call.model_name)
         renderer = renderer_for(loaded.tokenizer) if call.logprobs else None
         eos_ids = loaded.eos_token_ids
         scoring = DecodeRewards(extras.rewards, loaded, extras.on_reward_error)
         observers = extras.observers + scoring.observers
-        for event in self._engine(loaded).stream(prompt, call.sampling, call.esamp, observers=observers):
+        events = self._engine(loaded).stream(prompt, call.sampling, call.esamp, observers=observers, grammar=grammar)
+        for event in events:
             if event.candidate is None:
                 if event.text:
                     yield GenerationChunk(text=event.text)
@@ -172,9 +192,9 @@ class ESampLLM(ESampLangChainMixin, BaseLLM):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[GenerationChunk]:
-        call, extras = self._stream_call(stop, kwargs)
+        call, extras, grammar = self._stream_call(stop, kwargs)
         check_prompts([prompt])
-        for chunk in self._events(prompt, call, extras):
+        for chunk in self._events(prompt, call, extras, grammar):
             if run_manager:
                 run_manager.on_llm_new_token(chunk.text, chunk=chunk)
             yield chunk
@@ -186,9 +206,9 @@ class ESampLLM(ESampLangChainMixin, BaseLLM):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[GenerationChunk]:
-        call, extras = self._stream_call(stop, kwargs)
+        call, extras, grammar = self._stream_call(stop, kwargs)
         check_prompts([prompt])
-        async for chunk in iterate_in_thread(lambda: self._events(prompt, call, extras)):
+        async for chunk in iterate_in_thread(lambda: self._events(prompt, call, extras, grammar)):
             if run_manager:
                 await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
             yield chunk

@@ -118,6 +118,27 @@ def split_constraint(kwargs: dict[str, Any]) -> tuple[CallConstraint, dict[str, 
     return CallConstraint(specs, choice, grammars[0] if grammars else None) if grammars else constraint, rest
 
 
+def split_grammar(kwargs: dict[str, Any]) -> tuple[Grammar | list[Grammar | None] | None, dict[str, Any]]:
+    """``ESampLLM``'s per-call ``grammar`` (one Grammar, or a list with one per prompt) or
+    ``response_format`` -> (the engine's ``grammar=`` argument, the other kwargs)."""
+    if "tools" in kwargs or "tool_choice" in kwargs:
+        raise ValueError("ESampLLM takes no tools (a completion model); use ChatESamp.bind_tools")
+    if "grammar" not in kwargs and "response_format" not in kwargs:
+        return None, kwargs
+    rest = dict(kwargs)
+    grammar, fmt = rest.pop("grammar", None), response_grammar(rest.pop("response_format", None))
+    if grammar is not None and fmt is not None:
+        raise ValueError("grammar and response_format both constrain the output; allowed: one of them")
+    if isinstance(grammar, (list, tuple)):
+        bad = [type(g).__name__ for g in grammar if g is not None and not isinstance(g, Grammar)]
+        if bad:
+            raise ValueError(f"grammar list entries must be Grammar or None, got {bad[0]}")
+        return list(grammar), rest
+    if grammar is not None and not isinstance(grammar, Grammar):
+        raise ValueError(f"grammar={grammar!r} is not a Grammar; allowed: esamp_agents.constrained.Grammar or a list")
+    return grammar or fmt, rest
+
+
 def _tool_call_dict(call: Any) -> ToolCall:
     return ToolCall(name=call.name, args=call.args, id=call.id, type="tool_call")
 
@@ -184,5 +205,6 @@ __all__ = [
     "reply_message",
     "response_grammar",
     "split_constraint",
+    "split_grammar",
     "to_openai_tools",
 ]

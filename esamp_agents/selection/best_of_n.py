@@ -39,6 +39,13 @@ Strategies:
   spent. All candidates seen are fused as one group; the choice is the best-ranked among
   those that cleared the threshold, else the best-ranked overall (never None).
 
+Tool calls (``BestOfN(chat.bind_tools(tools), ...)``): the N replies come from the same one
+batched decode. Validity comes first: a reply with ``invalid_tool_calls`` (cut off by
+``max_tokens``, not parseable) ranks after every valid one whatever its scores, and does not
+vote while a valid reply exists. A reply's text for rewards is its content followed by its
+calls in the model's ``<tool_call>{json}</tool_call>`` syntax, and its answer for voting is
+its calls (names and arguments), unless an ``answer_extractor`` is given.
+
 Output: the chosen candidate in the model's output type. An ``AIMessage`` carries
 ``response_metadata["best_of_n"]`` (chosen index and answer, fused score, strategy, fusion,
 rounds, ranked candidates with their scores, warnings). A plain ``str`` cannot carry
@@ -50,6 +57,8 @@ model (``.output``, ``.chosen``, ``.candidates`` ranked best first, ``.metadata`
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -72,6 +81,7 @@ from esamp_agents.selection.rewards import (
     reward_failure,
     score_candidates,
 )
+from esamp_agents.tool_calling import format_call
 
 STRATEGIES: tuple[str, ...] = ("argmax", "vote", "threshold")
 ON_REWARD_ERROR: tuple[str, ...] = ("raise", "skip")
@@ -123,9 +133,24 @@ def unwrap_binding(model: Any) -> tuple[Any, dict[str, Any]]:
 def _text_of(output: Any) -> str:
     if isinstance(output, str):
         return output
+    if isinstance(output, AIMessage) and output.tool_calls:
+        calls = "\n".join(format_call(c["name"], c["args"]) for c in output.tool_calls)
+        return f"{output.text}\n{calls}" if output.text else calls
     if isinstance(output, BaseMessage):
         return str(output.text)
     return str(output)
+
+
+def _is_valid(output: Any) -> bool:
+    """False for a reply whose tool calls did not come out whole (cut off, unparseable)."""
+    return not (isinstance(output, AIMessage) and output.invalid_tool_calls)
+
+
+def _call_answer(output: Any) -> str | None:
+    """A tool-calling reply's answer for voting: its calls, canonically (None: no calls)."""
+    if not (isinstance(output, AIMessage) and output.tool_calls):
+        return None
+    return json.dumps([[c["name"], c["args"]] for c in output.tool_calls], sort_keys=True)
 
 
 def _softmax(values: Sequence[float], temperature: float) -> list[float]:
@@ -560,14 +585,22 @@ class BestOfN(RunnableSerializable[Any, Any]):
             warnings.extend(f"round {r}: {w}" if len(rounds) > 1 else w for w in rnd.warnings)
         extractor = self.answer_extractor or default_answer_extractor()
         for c in candidates:
+            call_answer = None if self.answer_extractor else _call_answer(c.output)
             try:
-                c.answer = extractor(c.text)
+                c.answer = call_answer if call_answer is not None else extractor(c.text)
             except Exception as exc:
                 raise BestOfNError(
                     f"answer_extractor failed on candidate {c.index}: {type(exc).__name__}: {exc}"
                 ) from exc
         fusion = self._fuse(candidates)
         warnings.extend(fusion.warnings)
+        valid = [_is_valid(c.output) for c in candidates]
+        if any(valid) and not all(valid):  # validity first: broken tool calls rank after every whole one
+            order = [i for i in fusion.order if valid[i]] + [i for i in fusion.order if not valid[i]]
+            fusion = dataclasses.replace(fusion, order=order)
+            for i, ok in enumerate(valid):
+                if not ok:
+                    candidates[i].answer = None  # and do not vote
         for rank, pos in enumerate(fusion.order):
             candidates[pos].rank = rank
             candidates[pos].fused = fusion.fused[pos]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -17,3 +18,22 @@ def no_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError("decoding started before validation")
 
     monkeypatch.setattr(ESampEngine, "_decode", boom)
+
+
+# The standard integration suite runs twice on one loaded model: text tests with a 10-token
+# budget (fast), tool-calling and structured-output tests with enough tokens for a whole call
+# (a call of the suite's tools is ~25 tokens). Each class runs only its half.
+_TOOL_TESTS = re.compile(r"tool|structured|json_mode|agent_loop")
+_SPLIT = {"TestChatESampIntegration": False, "TestChatESampToolsIntegration": True}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    keep, drop = [], []
+    for item in items:
+        cls = getattr(item, "cls", None)
+        wants_tools = _SPLIT.get(cls.__name__) if cls is not None else None
+        is_tool_test = bool(_TOOL_TESTS.search(item.name))
+        (drop if wants_tools is not None and wants_tools != is_tool_test else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
