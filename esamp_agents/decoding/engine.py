@@ -397,15 +397,16 @@ class ESampEngine:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """logits -> row constraints -> filters -> ESamp fusion on the survivors -> one token per row.
 
-        Returns (tokens, the logits the log-probabilities are read from, this step's Distiller loss).
+        Returns (tokens, the model's logits, which the log-probabilities are read from (before any
+        constraint, as before any filter), this step's Distiller loss).
         """
         h_final = state.hidden[self.loaded.num_layers]
         raw_logits = self._logits(h_final)
-        logits = self._cap(raw_logits)
+        model_logits = logits = self._cap(raw_logits)  # logprobs are read from these: the model's own
         for constraint in state.constraints:  # before the filters: fusion only touches finite survivors
             logits = constraint.apply(logits)
         if sampling.greedy:
-            return logits.argmax(-1), logits, None
+            return logits.argmax(-1), model_logits, None
         cands = filter_candidates(logits, sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p)
         scores, loss = cands.scores, None
         if state.distiller is not None and state.step > 0:
@@ -420,7 +421,7 @@ class ESampEngine:
             scores = self._fuse(raw_logits, cands, error, esamp.beta, sampling.temperature)
             state.record.novelty.append(novelty.view(state.rows))
             state.distiller_seconds += time.perf_counter() - t_d
-        return cands.vocab_ids(sample_positions(scores, state.generator)), logits, loss
+        return cands.vocab_ids(sample_positions(scores, state.generator)), model_logits, loss
 
     def _record(
         self,

@@ -68,12 +68,6 @@ def _model_logprobs(engine: ESampEngine, prompt: list[int], ids: list[int]) -> l
     return [logits[len(prompt) - 1 + i, t].item() for i, t in enumerate(ids)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine._sample returns the masked logits to _record: a constrained candidate's logprobs are "
-    "renormalised over the allowed tokens (0.0 for forced tokens) and top_logprobs list forbidden tokens at "
-    "-inf, against Candidate's contract (log-probability under the model, no filters). Fix in engine.py.",
-)
 def test_constrained_logprobs_are_the_models_own(engine: ESampEngine) -> None:
     prompt = chat(engine, "Name Greek letters.")
     out = engine.generate([prompt], SamplingParams(n=1, max_new_tokens=20, top_logprobs=2), grammar=FIXED)
