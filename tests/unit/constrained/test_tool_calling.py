@@ -166,9 +166,10 @@ def test_bad_tool_specs(tool: Any, message: str) -> None:
         tool_specs([tool])
 
 
-def test_duplicate_tool_names_are_refused() -> None:
-    with pytest.raises(ValueError, match=r"tool names \['add'\] appear more than once"):
-        tool_specs([ADD, ECHO, {"name": "add"}])
+def test_a_tool_given_twice_is_one_tool_the_first_definition_kept() -> None:
+    specs = tool_specs([ADD, ECHO, {"name": "add", "description": "second"}])
+    assert [s.name for s in specs] == ["add", "echo"]
+    assert specs[0].description == "Add two integers." and specs[0].parameters["required"] == ["a", "b"]
 
 
 def test_specs_from_both_openai_shapes() -> None:
