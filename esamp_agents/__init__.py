@@ -39,9 +39,12 @@ _EXPORTS: dict[str, str] = {
     "LoadedModel": "esamp_agents.decoding.loading",
     "ModelLoadError": "esamp_agents.decoding.loading",
     "load_model": "esamp_agents.decoding.loading",
+    "Grammar": "esamp_agents.constrained.grammar",
+    "GrammarError": "esamp_agents.constrained.grammar",
 }
 
 if TYPE_CHECKING:
+    from esamp_agents.constrained.grammar import Grammar, GrammarError
     from esamp_agents.decoding.engine import ESampEngine
     from esamp_agents.decoding.loading import EMBEDDED, LoadedModel, ModelLoadError, load_model
     from esamp_agents.decoding.params import ESampParams, SamplingParams, esamp_preset
@@ -76,6 +79,8 @@ __all__ = [
     "ESampParams",
     "GenerationResult",
     "GenerationStats",
+    "Grammar",
+    "GrammarError",
     "HiddenStateReward",
     "LoadedModel",
     "ModelLoadError",
