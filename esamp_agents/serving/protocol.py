@@ -17,7 +17,10 @@ and the sampling filters ``top_k``, ``min_p`` and ``ignore_eos``. Harmless OpenA
 Chat requests may constrain the output (grammar-constrained decoding, checked here so a bad
 schema is a 400 before any decoding): ``tools`` (OpenAI function tools) with ``tool_choice``
 (``"auto"``, ``"none"``, ``"required"`` or ``{"type": "function", "function": {"name": ...}}``)
-and ``parallel_tool_calls`` (default true); or ``response_format`` ``{"type": "text"}``,
+and ``parallel_tool_calls`` (default false here, unlike OpenAI's true: a small local model
+allowed "one or more" calls tends to repeat its call until max_tokens cuts it off, so a client
+that never sets it, such as ``ChatOpenAI.bind_tools``, gets one whole call; send true for
+several); or ``response_format`` ``{"type": "text"}``,
 ``{"type": "json_object"}`` or ``{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}``
 (not together with tools). Conversations may hold assistant turns with ``tool_calls`` and
 ``role: "tool"`` results (``tool_call_id``).
@@ -198,7 +201,7 @@ class ParsedRequest:
     include_usage: bool = False
     tools: tuple[ToolSpec, ...] = ()
     tool_choice: str = "none"  # resolved: "auto", "required", "none" or a tool's name ("none" without tools)
-    parallel_tool_calls: bool = True
+    parallel_tool_calls: bool = False
     response_format: str = "text"  # one of RESPONSE_FORMATS
     grammar: Grammar | None = None  # what decoding is constrained to (tool calls or JSON), None = free text
 
@@ -437,7 +440,7 @@ def _parse_constraints(body: dict[str, Any]) -> dict[str, Any]:
     """The chat fields that constrain decoding -> ParsedRequest fields (tools, their choice, the grammar)."""
     tools = _parse_tools(body)
     choice = _parse_tool_choice(body, tools)
-    parallel = _bool_field(body, "parallel_tool_calls", default=True)
+    parallel = _bool_field(body, "parallel_tool_calls", default=False)  # see the module docstring
     fmt, grammar = _parse_response_format(body)
     if tools and fmt != "text":
         raise RequestError(
