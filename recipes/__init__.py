@@ -3,6 +3,9 @@
 - :mod:`~esamp_agents.recipes.math_reasoning`: candidates -> extracted answers -> reward-weighted vote.
 - :mod:`~esamp_agents.recipes.tool_agent`: Best-of-N at each model step of a tool-using agent.
 - :mod:`~esamp_agents.recipes.code_generation`: candidate programs tested in sandboxed subprocesses.
+- :mod:`~esamp_agents.recipes.calculator_agent`: an offline ``create_agent`` agent that solves word
+  problems with a calculator tool (forced call, then text), with Best-of-N over its tool calls.
+  Its ``calculator_agent`` function is not re-exported here (it shares the module's name).
 
 Names load lazily, so importing one recipe does not import the others' dependencies.
 """
@@ -24,6 +27,10 @@ _EXPORTS = {
     "code_generation_chain": "code_generation",
     "extract_code": "code_generation",
     "run_tests": "code_generation",
+    "CallVoteReward": "calculator_agent",
+    "ToolStepPolicy": "calculator_agent",
+    "best_of_n_calculator_agent": "calculator_agent",
+    "generate_word_problems": "calculator_agent",
 }
 
 
@@ -48,12 +55,16 @@ def __dir__() -> list[str]:
 __all__ = [  # BestOfNMiddleware is left out: it exists only with the optional langchain package
     "BestOfNChatModel",
     "BestOfNStep",
+    "CallVoteReward",
     "CodeResult",
     "MathResult",
     "TestRun",
+    "ToolStepPolicy",
+    "best_of_n_calculator_agent",
     "choose_reply",
     "code_generation_chain",
     "extract_code",
+    "generate_word_problems",
     "math_reasoning_chain",
     "run_tests",
 ]

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from esamp_agents.cli.agent_demo import add_agent_demo_command, run_agent_demo
 from esamp_agents.cli.demo import DEMO_BETA
 from esamp_agents.cli.eval import add_eval_command, run_eval_command
 from esamp_agents.cli.flags import add_param_flag, param_flag_values
@@ -90,7 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Exploratory Sampling (ESamp) of N diverse candidates from a local causal LM.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="{generate,demo,collect,train-reward,score,serve,eval}")
+    sub = parser.add_subparsers(
+        dest="command", metavar="{generate,demo,agent-demo,collect,train-reward,score,serve,eval}"
+    )
     sub.required = True
 
     g = sub.add_parser(
@@ -144,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_reward_commands(sub, _add_model_args)
     add_serve_command(sub, _add_model_args)
     add_eval_command(sub, _add_model_args)
+    add_agent_demo_command(sub)
     return parser
 
 
@@ -327,6 +331,8 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int
             return run_serve(args, out)
         if args.command == "eval":
             return run_eval_command(args, out)
+        if args.command == "agent-demo":
+            return run_agent_demo(args, out)
         if args.command in REWARD_COMMANDS:
             return REWARD_COMMANDS[args.command](args, out)
         return run_demo_command(args, out)
