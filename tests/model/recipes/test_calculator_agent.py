@@ -46,9 +46,9 @@ def test_calculator_agent_calls_the_tool_and_answers_offline():
     assert args["op"] == "+" and result.correct is True, (result.tool_calls, result.final_text)
 
 
-def test_best_of_n_calculator_agent_chooses_among_esamp_candidates():
+def test_best_of_n_calculator_agent_chooses_among_esamp_candidates():  # ESamp on: beta=0.25
     problem = generate_word_problems(1, seed=0, families=["add"])[0]
-    result = solve(best_of_n_calculator_agent(2, max_tokens=48, seed=0), problem)
+    result = solve(best_of_n_calculator_agent(2, temperature=0.7, beta=0.25, max_tokens=48, seed=0), problem)
     _check_run(result, problem.question)
     steps = [m for m in result.messages if isinstance(m, AIMessage)]
     for step in steps:
