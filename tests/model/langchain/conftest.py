@@ -25,6 +25,9 @@ def no_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
 # (a call of the suite's tools is ~25 tokens). Each class runs only its half.
 _TOOL_TESTS = re.compile(r"tool|structured|json_mode|agent_loop")
 _SPLIT = {"TestChatESampIntegration": False, "TestChatESampToolsIntegration": True}
+# The async twins of the tool/structured tests run the very same decode (ChatESamp's async path
+# is its sync path in a worker thread, tested by the text half): skipped to keep the suite short.
+_ASYNC_TWINS = re.compile(r"^test_(structured_output|tool_calling)_async\b")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -33,7 +36,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         cls = getattr(item, "cls", None)
         wants_tools = _SPLIT.get(cls.__name__) if cls is not None else None
         is_tool_test = bool(_TOOL_TESTS.search(item.name))
-        (drop if wants_tools is not None and wants_tools != is_tool_test else keep).append(item)
+        twin = wants_tools is True and bool(_ASYNC_TWINS.search(item.name))
+        (drop if twin or (wants_tools is not None and wants_tools != is_tool_test) else keep).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
