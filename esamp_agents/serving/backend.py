@@ -1,10 +1,11 @@
 """The engine side of ``esamp-agents serve``: one worker thread, a bounded job queue, OpenAI bodies.
 
-:class:`OpenAIBackend` knows nothing of HTTP, so the front end (``http.server`` today) can be
-swapped: it validates a body into a :class:`~esamp_agents.serving.protocol.ParsedRequest`,
+:class:`OpenAIBackend` knows nothing of HTTP (the ASGI front end is :mod:`esamp_agents.serving.app`):
+it validates a body into a :class:`~esamp_agents.serving.protocol.ParsedRequest`,
 queues it as a :class:`Job` and answers with an OpenAI response body (built with
-:mod:`esamp_agents.openai_format`) or, streamed, with ``("text", delta)`` events and a final
-``("done", (choice, usage))``; :func:`text_delta` and :func:`stream_tail` shape the stream's
+:mod:`esamp_agents.openai_format`) or, streamed, with ``("text", (index, delta))`` events (every
+row of the request: ``index`` is the choice's, ``prompt * n + sample``) and a final
+``("done", (choices, usage))``; :func:`text_delta` and :func:`stream_tail` shape the stream's
 choices. With tools bound, a candidate whose grammar accepted its whole text becomes
 ``message.tool_calls`` with ``finish_reason: "tool_calls"`` (:func:`tool_call_message`); a
 streamed one holds its text back and sends the calls (or the text) at the end. ONE worker
@@ -29,6 +30,7 @@ from esamp_agents.decoding.loading import LoadedModel
 from esamp_agents.decoding.params import SamplingParams
 from esamp_agents.decoding.results import Candidate, GenerationResult
 from esamp_agents.openai_format import TokenRenderer, chat_logprobs, completion_logprobs, renderer_for, request_usage
+from esamp_agents.serving.metrics import Metrics
 from esamp_agents.serving.protocol import ParsedRequest, RequestError, ServeDefaults, parse_request
 from esamp_agents.tool_calling import CALL_OPEN, parse_tool_calls
 
@@ -40,11 +42,16 @@ DEFAULT_MAX_QUEUE = 64
 
 @dataclass(eq=False)
 class Job:
-    """One request in the queue: its cancel flag and, when streamed, the events the worker posts."""
+    """One request in the queue: its cancel flag and, when streamed, where the worker posts its events."""
 
     request: ParsedRequest
     cancel: threading.Event = field(default_factory=threading.Event)
-    events: queue.Queue[tuple[str, Any]] | None = None
+    post: Callable[[tuple[str, Any]], None] | None = None
+
+    @property
+    def rows(self) -> int:
+        """Rows decoded together: prompts x n."""
+        return max(1, len(self.request.prompts)) * self.request.n
 
 
 class OpenAIBackend:
@@ -59,11 +66,16 @@ class OpenAIBackend:
         defaults: ServeDefaults,
         max_batch_tokens: int,
         max_queue: int,
+        metrics: Metrics | None = None,
+        engine: Any = None,
     ) -> None:
-        from esamp_agents.decoding.engine import ESampEngine
+        if engine is None:
+            from esamp_agents.decoding.engine import ESampEngine
 
+            engine = ESampEngine(loaded)
         self.loaded = loaded
-        self.engine = ESampEngine(loaded)
+        self.engine = engine
+        self.metrics = metrics if metrics is not None else Metrics()
         self.served_name = served_name
         self.aliases = {served_name, loaded.name}
         self.accept_any_model = accept_any_model
@@ -72,7 +84,8 @@ class OpenAIBackend:
         self.max_queue = max_queue
         self.created = int(time.time())
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="esamp-serve-worker")
-        self._pending = 0
+        self._pending = 0  # queued + running
+        self._running = 0
         self._lock = threading.Lock()
         self._jobs: set[Job] = set()
         self._closed = False
@@ -104,25 +117,34 @@ class OpenAIBackend:
         with self._lock:
             if self._closed:
                 raise RequestError("the server is shutting down", status=503, type="server_error", code="unavailable")
-            if self._pending >= self.max_queue:
+            if self._pending - self._running >= self.max_queue:
                 raise RequestError(
-                    f"{self._pending} requests are already queued (limit {self.max_queue}); retry later",
+                    f"{self._pending - self._running} requests are already queued (limit max_queue="
+                    f"{self.max_queue}); retry later",
                     status=503,
                     type="server_error",
                     code="server_overloaded",
                 )
             self._pending += 1
             self._jobs.add(job)
+            self.metrics.queue_depth = self._pending - self._running
 
         def run() -> Any:
+            with self._lock:
+                self._running += 1
+                self.metrics.queue_depth = self._pending - self._running
+            self.metrics.rows_in_flight += job.rows
             try:
                 if job.cancel.is_set():
                     raise RequestError("the request was cancelled", status=503, type="server_error", code="cancelled")
                 return fn(job)
             finally:
+                self.metrics.rows_in_flight -= job.rows
                 with self._lock:
                     self._pending -= 1
+                    self._running -= 1
                     self._jobs.discard(job)
+                    self.metrics.queue_depth = self._pending - self._running
 
         try:
             return self._executor.submit(run)
@@ -130,7 +152,12 @@ class OpenAIBackend:
             with self._lock:
                 self._pending -= 1
                 self._jobs.discard(job)
+                self.metrics.queue_depth = self._pending - self._running
             raise RequestError("the server is shutting down", status=503, type="server_error") from exc
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def close(self) -> None:
         """Refuse new jobs, cancel queued and running ones, wait for the worker."""
@@ -203,8 +230,9 @@ class OpenAIBackend:
         request = job.request
         prompt_ids = self._prompt_ids(request)
         sampling = self._sampling(request, prompt_ids)
+        start = time.perf_counter()
         try:
-            return self.engine.generate(
+            result = self.engine.generate(
                 prompt_ids,
                 sampling,
                 request.esamp,
@@ -215,6 +243,9 @@ class OpenAIBackend:
             )
         except ValueError as exc:  # the engine validates its inputs with ValueError
             raise RequestError(str(exc)) from exc
+        tokens = sum(c.completion_tokens for r in result for c in r.candidates)
+        self.metrics.generated(tokens, time.perf_counter() - start)
+        return result
 
     def _choice(self, request: ParsedRequest, candidate: Candidate, index: int) -> dict[str, Any]:
         logprobs = None
@@ -253,24 +284,38 @@ class OpenAIBackend:
         }
 
     def stream_worker(self, job: Job) -> None:
-        """Decode one candidate, posting ("text", delta) events and then ("done", body parts).
+        """Decode every row, posting ("text", (index, delta)) events and then ("done", (choices, usage)).
 
-        With tools offered, no text events: the reply is only known to be a tool call or text at
-        its end, so :func:`stream_tail` sends it then."""
-        assert job.events is not None
-        events = job.events
-        on_text = None if job.request.calls_tools else lambda _p, _s, delta: events.put(("text", delta))
-        result = self._generate(job, on_text=on_text)
-        candidate = result[0].candidates[0]
-        events.put(("done", (self._choice(job.request, candidate, 0), request_usage(result))))
+        ``index`` is the choice's (``prompt * n + sample``), as in :meth:`complete`. With tools
+        offered, no text events: the reply is only known to be a tool call or text at its end,
+        so :func:`stream_tail` sends it then."""
+        post = job.post
+        assert post is not None
+        n = job.request.n
 
-    def start_stream(self, job: Job) -> tuple[Future[Any], Iterator[tuple[str, Any]]]:
-        """Queue a streamed job: its future and its events (``("text", delta)``..., then ``("done", parts)``
-        or ``("error", None)`` when the job failed or was cancelled before posting an event)."""
-        job.events = queue.Queue()
+        def on_text(p: int, s: int, delta: str) -> None:
+            post(("text", (p * n + s, delta)))
+
+        result = self._generate(job, on_text=None if job.request.calls_tools else on_text)
+        choices = [
+            self._choice(job.request, c, p * n + c.index) for p, prompt_result in enumerate(result)
+            for c in prompt_result.candidates
+        ]  # fmt: skip
+        post(("done", (choices, request_usage(result))))
+
+    def start_stream(self, job: Job, post: Callable[[tuple[str, Any]], None]) -> Future[Any]:
+        """Queue a streamed job whose events go to ``post`` (from the worker thread): ``("text", (index,
+        delta))``..., then ``("done", (choices, usage))``, or ``("error", None)`` when the job failed or
+        was cancelled (its future holds why)."""
+        job.post = post
         future = self.submit(job, self.stream_worker)
         future.add_done_callback(lambda f: _post_failure(job, f))
-        return future, _events(job.events)
+        return future
+
+    def stream_iter(self, job: Job) -> tuple[Future[Any], Iterator[tuple[str, Any]]]:
+        """:meth:`start_stream` read as a blocking iterator (ends after "done" or "error")."""
+        events: queue.Queue[tuple[str, Any]] = queue.Queue()
+        return self.start_stream(job, events.put), _events(events)
 
 
 def tool_call_message(request: ParsedRequest, candidate: Candidate) -> tuple[str | None, list[dict[str, Any]]] | None:
@@ -298,12 +343,12 @@ def tool_call_message(request: ParsedRequest, candidate: Candidate) -> tuple[str
     return reply.content or None, calls
 
 
-def text_delta(request: ParsedRequest, text: str, first: bool = False) -> dict[str, Any]:
-    """One streamed choice carrying ``text`` (the first chat chunk also names the role)."""
+def text_delta(request: ParsedRequest, text: str, first: bool = False, index: int = 0) -> dict[str, Any]:
+    """Streamed choice ``index`` carrying ``text`` (a choice's first chat chunk also names the role)."""
     if request.kind == "chat":
         delta: dict[str, Any] = {"role": "assistant", "content": text} if first else {"content": text}
-        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
-    return {"index": 0, "text": text, "logprobs": None, "finish_reason": None}
+        return {"index": index, "delta": delta, "logprobs": None, "finish_reason": None}
+    return {"index": index, "text": text, "logprobs": None, "finish_reason": None}
 
 
 def stream_tail(request: ParsedRequest, choice: dict[str, Any]) -> list[dict[str, Any]]:
@@ -312,14 +357,15 @@ def stream_tail(request: ParsedRequest, choice: dict[str, Any]) -> list[dict[str
     (``delta.tool_calls=[{"index", "id", "type", "function": {"name", "arguments"}}]``), then the
     closing choice with ``finish_reason`` and the logprobs."""
     out: list[dict[str, Any]] = []
+    index = choice["index"]
     if request.kind == "chat" and request.calls_tools:
         message = choice["message"]
         if message["content"]:
-            out.append(text_delta(request, message["content"]))
+            out.append(text_delta(request, message["content"], index=index))
         for i, call in enumerate(message.get("tool_calls") or []):
             delta = {"tool_calls": [{"index": i, **call}]}
-            out.append({"index": 0, "delta": delta, "logprobs": None, "finish_reason": None})
-    last = text_delta(request, "")
+            out.append({"index": index, "delta": delta, "logprobs": None, "finish_reason": None})
+    last = text_delta(request, "", index=index)
     if request.kind == "chat":
         last["delta"] = {}
     last["logprobs"] = choice["logprobs"]
@@ -330,8 +376,8 @@ def stream_tail(request: ParsedRequest, choice: dict[str, Any]) -> list[dict[str
 
 def _post_failure(job: Job, future: Future[Any]) -> None:
     """Wake the streaming front end when its job failed or was cancelled before any event."""
-    if job.events is not None and (future.cancelled() or future.exception() is not None):
-        job.events.put(("error", None))
+    if job.post is not None and (future.cancelled() or future.exception() is not None):
+        job.post(("error", None))
 
 
 def _events(events: queue.Queue[tuple[str, Any]]) -> Iterator[tuple[str, Any]]:

@@ -1,13 +1,13 @@
 """The OpenAI request protocol of ``esamp-agents serve``: parsing and validating request bodies.
 
-Kept apart from the engine and from HTTP so any front end (today ``http.server``, later ASGI)
+Kept apart from the engine and from HTTP so the front end (:mod:`esamp_agents.serving.app`, ASGI)
 refuses a bad request the same way, before any work starts: :func:`parse_request` turns a JSON
 body into a :class:`ParsedRequest` or raises :class:`RequestError`, which carries OpenAI's error
 shape (``{"error": {"message", "type", "param", "code"}}``) and the HTTP status to send it with.
 
 Fields, with OpenAI's semantics: ``model``, ``messages`` / ``prompt``, ``n`` (1..128),
 ``temperature`` (0..2), ``top_p`` (0 < top_p <= 1), ``max_tokens`` / ``max_completion_tokens``,
-``stop`` (a string or up to 4), ``seed``, ``stream`` (n = 1 only) with ``stream_options``
+``stop`` (a string or up to 4), ``seed``, ``stream`` (any n, any number of prompts) with ``stream_options``
 ``{"include_usage": true}``; chat ``logprobs: true`` + ``top_logprobs`` (0..20); completions
 ``logprobs: int`` (0..20). Extra body fields: the ESamp settings of :data:`ESAMP_BODY_FIELDS`
 and the sampling filters ``top_k``, ``min_p`` and ``ignore_eos``. Harmless OpenAI fields
@@ -539,10 +539,6 @@ def parse_request(body: Any, kind: str, defaults: ServeDefaults, vocab_size: int
         if not isinstance(stream_options, dict):
             raise RequestError(f"stream_options={stream_options!r} must be an object", param="stream_options")
         include_usage = _bool_field(stream_options, "include_usage")
-    if stream and n != 1:
-        raise RequestError(f"n={n} cannot be streamed; allowed: n=1 when stream=true", param="n", code="invalid_value")
-    if stream and len(prompts) > 1:
-        raise RequestError(f"{len(prompts)} prompts cannot be streamed; allowed: one prompt", param="prompt")
     logprobs, top_logprobs = _parse_logprobs(body, kind)
     seed = body.get("seed")
     if seed is not None and (not _is_int(seed) or not 0 <= seed < 2**63):

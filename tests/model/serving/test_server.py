@@ -50,7 +50,7 @@ def test_models_and_unknown_paths(server):
         ({"top_p": 0}, "top_p"),
         ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         ({"top_logprobs": 3}, "top_logprobs"),  # needs logprobs=true, as in OpenAI
-        ({"stream": True, "n": 2}, "n"),
+        ({"stream": "yes"}, "stream"),
         ({"max_tokens": 0}, "max_tokens"),
         ({"max_tokens": 5, "max_completion_tokens": 6}, "max_completion_tokens"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
@@ -153,6 +153,49 @@ def test_stream_equals_the_same_seeded_request(client):
     assert len(finals) == 1 and finals[0].choices[0].finish_reason == whole.choices[0].finish_reason
     assert finals[0].choices[0].logprobs.content == whole.choices[0].logprobs.content  # logprobs in the last chunk
     assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == whole.usage.total_tokens
+
+
+def test_stream_n2_equals_the_same_seeded_request(client):
+    """Every choice streams (chunks carry choices[0].index); each one's text is the whole response's."""
+    common = {"model": "embedded", "messages": USER, "n": 2, "max_tokens": 6, "seed": 5, "extra_body": {"beta": 0.5}}
+    whole = client.chat.completions.create(**common)
+    chunks = list(client.chat.completions.create(**common, stream=True, stream_options={"include_usage": True}))
+    texts: dict[int, str] = {0: "", 1: ""}
+    finishes: dict[int, str] = {}
+    for c in chunks[:-1]:
+        choice = c.choices[0]
+        texts[choice.index] += choice.delta.content or ""
+        if choice.finish_reason:
+            finishes[choice.index] = choice.finish_reason
+    assert texts == {c.index: c.message.content for c in whole.choices}
+    assert finishes == {c.index: c.finish_reason for c in whole.choices}
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == whole.usage.total_tokens
+
+
+def test_disconnect_mid_stream_then_health_metrics_and_a_request(server, client):
+    import http.client
+    import json
+    import re
+
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    body = {"model": "embedded", "messages": USER, "max_tokens": 200, "ignore_eos": True, "stream": True}
+    conn.request("POST", "/v1/chat/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    assert response.status == 200 and response.readline().startswith(b"data: ")
+    conn.sock.shutdown(2)
+    conn.close()
+    begun = time.monotonic()
+    reply = client.chat.completions.create(model="embedded", messages=USER, max_tokens=2, seed=0)
+    assert reply.choices and time.monotonic() - begun < 30  # not behind 200 tokens of the dropped stream
+    root = server.url.removesuffix("/v1")
+    assert get(root + "/health") == (200, {"status": "ok"})
+    import urllib.request
+
+    with urllib.request.urlopen(root + "/metrics", timeout=30) as metrics:
+        text = metrics.read().decode()
+    line = re.compile(r'^[a-zA-Z_:][a-zA-Z0-9_:]*(\{[a-zA-Z_]+="[^"]*"(,[a-zA-Z_]+="[^"]*")*\})? \S+$')
+    assert all(line.match(x) for x in text.splitlines() if x and not x.startswith("#"))
+    assert 'esamp_requests_total{endpoint="/v1/chat/completions",status="200"}' in text
 
 
 def test_completions_endpoint(embedded, client):
