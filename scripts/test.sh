@@ -19,7 +19,7 @@ ruff format --check .
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 echo "[test] pytest $*"
 status=0
-python -m pytest "$@" || status=$?
+python -m pytest --durations=25 "$@" || status=$?
 if [[ $status -eq 5 ]]; then
     echo "[test] ERROR: pytest collected no tests (exit 5); treating that as a failure" >&2
     exit 5

@@ -227,18 +227,16 @@ def test_rare_live_checks_and_text_tracking_change_nothing(engine: ESampEngine, 
 def test_row_constraint_masks_before_the_filters_and_finishes_rows(engine: ESampEngine) -> None:
     """The seam for constrained decoding: a forbidden token never comes back through ESamp's
     fusion, and a constraint can finish a row."""
-    from esamp_agents.decoding.state import DecodeState
-
     allowed_ids = (11, 12)
 
     class TwoTokensThenDone:
         def __init__(self) -> None:
             self.steps = 0
 
-        def allowed(self, state: DecodeState) -> torch.Tensor:
-            mask = torch.zeros(state.rows, engine.loaded.vocab_size, dtype=torch.bool)
+        def apply(self, logits: torch.Tensor) -> torch.Tensor:
+            mask = torch.zeros_like(logits, dtype=torch.bool)
             mask[:, list(allowed_ids)] = True
-            return mask
+            return logits.masked_fill(~mask, float("-inf"))
 
         def advance(self, tokens: torch.Tensor, live: torch.Tensor) -> torch.Tensor | None:
             self.steps += 1

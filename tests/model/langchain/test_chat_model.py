@@ -345,8 +345,8 @@ def test_tracing_params_and_tools(chat):
     assert params["ls_model_name"] == "embedded"
     assert params["ls_max_tokens"] == 8
     assert chat._get_ls_params(model="other")["ls_model_name"] == "other"
-    with pytest.raises(NotImplementedError):
-        chat.bind_tools([])
+    with pytest.raises(ValueError, match="no tools are bound"):
+        chat.bind_tools([], tool_choice="any")  # tool calling works (tests/model/langchain/test_tools.py)
 
 
 def test_from_model_shares_the_loaded_weights(embedded):
