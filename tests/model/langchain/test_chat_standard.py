@@ -90,7 +90,7 @@ class TestChatESampToolsIntegration(TestChatESampIntegration):
 
     @property
     def chat_model_params(self) -> dict[str, Any]:
-        return {**super().chat_model_params, "max_tokens": 96, "temperature": 0.7}
+        return {**super().chat_model_params, "max_tokens": 64, "temperature": 0.7}
 
     @pytest.mark.xfail(
         reason="a 135M model does not choose to call a tool under tool_choice='auto' (it answers in text); "
