@@ -27,7 +27,6 @@ from esamp_agents.constrained.grammar import Grammar, GrammarError
 
 _TOKENIZERS: WeakKeyDictionary[Any, Any] = WeakKeyDictionary()
 _TOKENIZERS_LOCK = threading.Lock()
-_BITS = torch.arange(32, dtype=torch.int32)
 _BYTE_BIAS: dict[torch.device, torch.Tensor] = {}
 
 
@@ -46,12 +45,6 @@ def engine_tokenizer(tokenizer: Any, vocab_size: int, eos_ids: Sequence[int]) ->
             ) from None
         _TOKENIZERS.setdefault(tokenizer, {})[key] = built
         return built
-
-
-def _unpack(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
-    """``[rows, ceil(vocab / 32)]`` int32 bitmask -> ``[rows, vocab]`` bool (True = allowed)."""
-    bits = (bitmask.unsqueeze(-1) >> _BITS) & 1
-    return bits.view(bitmask.shape[0], -1)[:, :vocab].bool()
 
 
 def _byte_bias(device: torch.device) -> torch.Tensor:
@@ -134,11 +127,13 @@ class GrammarConstraint:
         """Feed each live constrained row its token; ``[rows]`` bool of rows whose grammar just completed."""
         if not self.rows:
             return None
-        host_tokens = tokens.tolist()
-        host_live = live.tolist()
+        host_tokens, host_live = torch.stack([tokens, live.to(tokens.dtype)]).tolist()  # one host read
         finished: list[int] = []
         for i, (row, matcher) in enumerate(zip(self.rows, self.matchers, strict=True)):
-            if self.done[i] or not host_live[row]:
+            if self.done[i]:
+                continue
+            if not host_live[row]:  # ended otherwise (a stop string): no more masks for it
+                self.done[i] = True
                 continue
             if not matcher.consume_token(host_tokens[row]):
                 self.errors[row] = matcher.get_error() or f"token {host_tokens[row]} refused"

@@ -41,7 +41,7 @@ from esamp_agents.langchain.tools import (
 )
 from esamp_agents.messages import to_chat_messages
 from esamp_agents.openai_format import prompt_usage, renderer_for
-from esamp_agents.tool_calling import ToolSpec, resolve_tool_choice, tool_specs
+from esamp_agents.tool_calling import ToolSpec, tool_specs
 
 _HAS_CHUNK_POSITION = "chunk_position" in AIMessageChunk.model_fields
 StructuredMethod = Literal["json_schema", "function_calling", "json_mode"]
@@ -180,8 +180,6 @@ class ChatESamp(ESampLangChainMixin, BaseChatModel):
         a tool name, or ``True`` (the only tool). ``strict`` is accepted for ChatOpenAI parity:
         calls always follow the schemas here. Bad tools or choices raise now, before any decoding."""
         formatted = to_openai_tools(tools)
-        specs = tool_specs(formatted)
-        resolve_tool_choice(tool_choice, specs)
         if strict is not None and not isinstance(strict, bool):
             raise ValueError(f"strict={strict!r} must be True, False or None")
         if tool_choice is not None:

@@ -106,7 +106,6 @@ def split_constraint(kwargs: dict[str, Any]) -> tuple[CallConstraint, dict[str, 
     if values["tool_choice"] is not None and not specs:
         raise ValueError(f"tool_choice={values['tool_choice']!r} but no tools are bound; bind tools first")
     choice = resolve_tool_choice(values["tool_choice"], specs) if specs else "none"
-    constraint = CallConstraint(specs, choice)
     # One call per reply unless asked: a small model given the choice tends to repeat its call
     # until max_tokens cuts it off (then no call is valid). Agents loop, so one call per turn is enough.
     grammars = [g for g in (grammar, fmt, tool_call_grammar(specs, choice, parallel is True)) if g]
@@ -115,7 +114,7 @@ def split_constraint(kwargs: dict[str, Any]) -> tuple[CallConstraint, dict[str, 
             "grammar, response_format (json) and tools (with tool_choice other than 'none') each constrain the "
             "whole reply; allowed: one of them per call"
         )
-    return CallConstraint(specs, choice, grammars[0] if grammars else None) if grammars else constraint, rest
+    return CallConstraint(specs, choice, grammars[0] if grammars else None), rest
 
 
 def split_grammar(kwargs: dict[str, Any]) -> tuple[Grammar | list[Grammar | None] | None, dict[str, Any]]:
@@ -189,7 +188,7 @@ class ToolTextGate:
             return text
         self.held += text
         if self.decided is None and self.held:
-            self.decided = self.held.startswith("<") or CALL_OPEN.startswith(self.held)
+            self.decided = self.held.startswith(CALL_OPEN[0])
             if not self.decided:
                 out, self.held = self.held, ""
                 return out

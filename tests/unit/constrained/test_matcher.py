@@ -15,9 +15,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from esamp_agents.constrained.grammar import Grammar, GrammarError
-from esamp_agents.constrained.matcher import GrammarConstraint, _mask_bias, _unpack, engine_tokenizer
+from esamp_agents.constrained.matcher import GrammarConstraint, _mask_bias, engine_tokenizer
 
 from .conftest import VOCAB
+
+
+def _unpack(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
+    """The reference reading of a bitmask: ``[rows, ceil(vocab / 32)]`` int32 -> ``[rows, vocab]`` bool."""
+    bits = (bitmask.unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1
+    return bits.view(bitmask.shape[0], -1)[:, :vocab].bool()
+
 
 DIGITS = Grammar.regex(r"[0-9]{1,3}")
 
