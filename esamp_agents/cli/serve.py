@@ -10,7 +10,7 @@ from typing import Any, TextIO
 
 from esamp_agents.cli.flags import add_param_flag, param_flag_values
 from esamp_agents.decoding.loading import EMBEDDED
-from esamp_agents.decoding.params import ESAMP_PRESETS, build_params, esamp_preset
+from esamp_agents.decoding.params import DEFAULT_MAX_BATCH_ROWS, ESAMP_PRESETS, build_params, esamp_preset
 from esamp_agents.serving.backend import DEFAULT_MAX_BATCH_TOKENS, DEFAULT_MAX_QUEUE
 from esamp_agents.serving.protocol import DEFAULT_MAX_TOKENS, ServeDefaults
 from esamp_agents.serving.server import (
@@ -76,6 +76,12 @@ def add_serve_command(subparsers: Any, add_model_args: Callable[[argparse.Argume
         "--max-queue", type=int, default=DEFAULT_MAX_QUEUE, help="requests waiting before a 503 with Retry-After"
     )
     s.add_argument(
+        "--max-batch-rows",
+        type=int,
+        default=DEFAULT_MAX_BATCH_ROWS,
+        help=f"rows (prompts x n, over all requests) decoded together (default {DEFAULT_MAX_BATCH_ROWS})",
+    )
+    s.add_argument(
         "--max-body-bytes",
         type=int,
         default=DEFAULT_MAX_BODY_BYTES,
@@ -88,7 +94,7 @@ def add_serve_command(subparsers: Any, add_model_args: Callable[[argparse.Argume
 def run_serve(args: argparse.Namespace, out: TextIO | None = None) -> int:
     """``esamp-agents serve``: validate everything, load the model, serve until Ctrl-C."""
     _check_port(args.port)
-    for name in ("default_max_tokens", "max_batch_tokens", "max_queue", "max_body_bytes"):
+    for name in ("default_max_tokens", "max_batch_tokens", "max_queue", "max_batch_rows", "max_body_bytes"):
         _positive(name.replace("_", "-"), getattr(args, name))
     sampling, esamp = build_params(param_flag_values(args, SERVE_FLAGS), esamp=esamp_preset(args.preset))
     defaults = ServeDefaults(
@@ -112,6 +118,7 @@ def run_serve(args: argparse.Namespace, out: TextIO | None = None) -> int:
             api_key=args.api_key,
             max_batch_tokens=args.max_batch_tokens,
             max_queue=args.max_queue,
+            max_batch_rows=args.max_batch_rows,
             max_body_bytes=args.max_body_bytes,
             log_stream=sys.stderr if args.log_requests else None,
         )

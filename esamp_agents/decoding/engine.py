@@ -34,11 +34,13 @@ from esamp_agents.constrained.matcher import GrammarConstraint
 from esamp_agents.decoding.distiller import BatchedDistiller
 from esamp_agents.decoding.loading import LoadedModel, load_model
 from esamp_agents.decoding.observers import DecodeObserver
-from esamp_agents.decoding.params import ESampParams, SamplingParams
+from esamp_agents.decoding.params import DEFAULT_MAX_BATCH_ROWS, ESampParams, SamplingParams
 from esamp_agents.decoding.results import Candidate, GenerationResult, GenerationStats
 from esamp_agents.decoding.sampling import Candidates, filter_candidates, sample_positions
-from esamp_agents.decoding.state import DecodeState, Request, RowConstraint, TextCallback
+from esamp_agents.decoding.scheduler import BatchScheduler
+from esamp_agents.decoding.state import DecodeJob, DecodeState, Request, RowConstraint, TextCallback
 from esamp_agents.decoding.text_tracking import TextTracker
+from esamp_agents.validation import check_int
 
 # When the candidates of all rows together number more than this share of the vocabulary,
 # one dense projection reads less of the LM head than gathering each row's candidates.
@@ -47,6 +49,7 @@ DENSE_PROJECTION_SHARE = 0.5
 # steps: at most this many minus one steps run after the last row finished (their outputs are
 # dropped: every row's outputs are cut at its length). On the CPU the question costs nothing.
 LIVE_CHECK_EVERY = 8
+_SHARED_LOCK = threading.Lock()
 
 
 def _repeat_cache_rows(cache: Any, n: int) -> None:
@@ -91,7 +94,20 @@ class ESampEngine:
     >>> [c.text for c in out[0].candidates]  # doctest: +SKIP
     """
 
-    def __init__(self, model: LoadedModel | str = "embedded") -> None:
+    def __init__(
+        self,
+        model: LoadedModel | str = "embedded",
+        *,
+        batching: bool = True,
+        max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS,
+    ) -> None:
+        if not isinstance(batching, bool):
+            raise TypeError(f"batching={batching!r} must be True or False")
+        check_int("max_batch_rows", max_batch_rows, 1)
+        self.batching = batching
+        self.max_batch_rows = max_batch_rows
+        self._scheduler: BatchScheduler | None = None
+        self._scheduler_lock = threading.Lock()
         self.loaded = model if isinstance(model, LoadedModel) else load_model(model)
         self._base = self.loaded.model.base_model
         head = self.loaded.model.get_output_embeddings()
@@ -100,6 +116,17 @@ class ESampEngine:
         self._softcap: float | None = getattr(self.loaded.config, "final_logit_softcapping", None)
         self._cache_name = _cache_argument(self._base)
         self._live_check_every: int | None = None  # None: every step on the CPU, LIVE_CHECK_EVERY elsewhere
+
+    @classmethod
+    def shared(cls, loaded: LoadedModel) -> ESampEngine:
+        """The one engine of ``loaded`` that every caller can share (LangChain classes use it), so
+        their concurrent calls decode in one continuously batched decode."""
+        with _SHARED_LOCK:
+            engine = loaded.__dict__.get("_shared_engine")
+            if engine is None:
+                engine = cls(loaded)
+                loaded.__dict__["_shared_engine"] = engine
+            return engine
 
     # ------------------------------------------------------------------ inputs
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -241,8 +268,22 @@ class ESampEngine:
         encoded = self._prepare(prompts, sampling, add_special_tokens)
         self._check_observers(observers)
         constraints = self._constraints(grammar, len(encoded), sampling)
-        with self.loaded.lock, torch.no_grad():
-            return self._decode(encoded, sampling, esamp, observers, on_text, cancel, constraints)
+        scheduler = self.scheduler
+        if scheduler is None or scheduler.on_scheduler_thread():  # alone (or nested in a callback)
+            with self.loaded.lock, torch.no_grad():
+                return self._decode(encoded, sampling, esamp, observers, on_text, cancel, constraints)
+        job = DecodeJob(encoded, sampling, esamp, observers, on_text, cancel or threading.Event(), constraints)
+        return scheduler.run(job)
+
+    @property
+    def scheduler(self) -> BatchScheduler | None:
+        """The continuous-batching scheduler concurrent calls share (None with ``batching=False``)."""
+        if not self.batching:
+            return None
+        with self._scheduler_lock:
+            if self._scheduler is None:
+                self._scheduler = BatchScheduler(self, self.max_batch_rows)
+            return self._scheduler
 
     def _constraints(
         self, grammar: Grammar | Sequence[Grammar | None] | None, prompts: int, sampling: SamplingParams
@@ -284,24 +325,44 @@ class ESampEngine:
         cancel: threading.Event | None,
         constraints: Sequence[RowConstraint] = (),
     ) -> GenerationResult:
-        """Prefill, then one step per new token until every row has finished, then build the results."""
-        state = self._prefill(encoded, sampling, esamp, observers, on_text, constraints)
-        for obs in observers:
-            obs.on_start(len(encoded), sampling.n, self.loaded.hidden_size)
-        every = self._live_check_every or (1 if self.loaded.device.type == "cpu" else LIVE_CHECK_EVERY)
-        t1 = time.perf_counter()
-        for step in range(sampling.max_new_tokens):
-            tokens, logits, loss = self._sample(state, sampling, esamp)
-            self._record(state, tokens, logits, loss, sampling, observers)
-            self._retire(state, tokens, on_text, sampling.n)
-            last = step + 1 == sampling.max_new_tokens
-            if last or self._all_finished(state, every) or (cancel is not None and cancel.is_set()):
-                break
-            self._feed(state, tokens)
-        decode_seconds = time.perf_counter() - t1
-        for obs in observers:
+        """One call decoded alone on this thread: prefill, then one step per new token until every
+        row has finished (the scheduler runs the very same steps for many calls at once)."""
+        job = DecodeJob(encoded, sampling, esamp, observers, on_text, cancel, constraints)
+        self._start(job)
+        while not self._step(job):
+            assert job.state is not None
+            self._feed(job.state, job.tokens)
+        return self._complete(job)
+
+    def _start(self, job: DecodeJob) -> None:
+        """Prefill the job's prompts (its state holds the logits' hidden states for the first token)."""
+        job.state = self._prefill(job.encoded, job.sampling, job.esamp, job.observers, job.on_text, job.constraints)
+        for obs in job.observers:
+            obs.on_start(len(job.encoded), job.sampling.n, self.loaded.hidden_size)
+        job.live_check_every = self._live_check_every or (1 if self.loaded.device.type == "cpu" else LIVE_CHECK_EVERY)
+        job.decode_started = time.perf_counter()
+
+    def _step(self, job: DecodeJob, raw_logits: torch.Tensor | None = None) -> bool:
+        """Sample -> record -> retire one token per row of ``job``; True when the job is finished.
+
+        ``raw_logits``: the job's rows of LM-head logits when the caller computed them for a
+        whole batch at once (None: from the job's own final hidden states)."""
+        state, sampling = job.state, job.sampling
+        assert state is not None
+        tokens, logits, loss = self._sample(state, sampling, job.esamp, raw_logits)
+        self._record(state, tokens, logits, loss, sampling, job.observers)
+        self._retire(state, tokens, job.on_text, sampling.n)
+        job.tokens = tokens
+        last = state.step + 1 == sampling.max_new_tokens
+        cancelled = job.cancel is not None and job.cancel.is_set()
+        return last or cancelled or self._all_finished(state, job.live_check_every)
+
+    def _complete(self, job: DecodeJob) -> GenerationResult:
+        """The finished job's result (everything moves to the host once)."""
+        assert job.state is not None
+        for obs in job.observers:
             obs.on_finish()
-        return self._finish(state, sampling, on_text, decode_seconds)
+        return self._finish(job.state, job.sampling, job.on_text, time.perf_counter() - job.decode_started)
 
     # ------------------------------------------------------------------ prefill
     def _prefill(
@@ -393,7 +454,11 @@ class ESampEngine:
         state.step += 1
 
     def _sample(
-        self, state: DecodeState, sampling: SamplingParams, esamp: ESampParams
+        self,
+        state: DecodeState,
+        sampling: SamplingParams,
+        esamp: ESampParams,
+        raw_logits: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """logits -> row constraints -> filters -> ESamp fusion on the survivors -> one token per row.
 
@@ -401,7 +466,8 @@ class ESampEngine:
         constraint, as before any filter), this step's Distiller loss).
         """
         h_final = state.hidden[self.loaded.num_layers]
-        raw_logits = self._logits(h_final)
+        if raw_logits is None:
+            raw_logits = self._logits(h_final)
         model_logits = logits = self._cap(raw_logits)  # logprobs are read from these: the model's own
         for constraint in state.constraints:  # before the filters: fusion only touches finite survivors
             logits = constraint.apply(logits)

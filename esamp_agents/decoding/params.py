@@ -19,6 +19,9 @@ from typing import Any, Literal, get_type_hints
 
 from esamp_agents.validation import check_int, check_range
 
+DEFAULT_MAX_BATCH_ROWS = 64
+"""Rows (prompts x n over all concurrent calls) an engine decodes together, unless told otherwise."""
+
 MAX_TOP_LOGPROBS = 20
 
 

@@ -11,24 +11,25 @@ two planned extensions have a place to go without another rewrite:
   filters, so ESamp's fusion (which only touches finite survivors) can never bring
   one back; after sampling, a constraint may finish rows (the grammar is complete),
   which then end with "stop".
-* **Continuous batching** (requests joining after their own prefill, leaving when
-  finished): rows are grouped per :class:`Request` (its prompt, its rows), and the
-  results are built per request. Today one call's requests share one
-  :class:`~esamp_agents.decoding.params.SamplingParams`, generator and (batched)
-  Distiller, and rows are fixed for the whole call; a scheduler would move those
-  onto ``Request`` and compact the row tensors between steps.
+* **Continuous batching** (:mod:`esamp_agents.decoding.scheduler`): one engine call is a
+  :class:`DecodeJob` around its own state (its sampling parameters, generator, Distillers,
+  constraints, text tracking), so concurrent calls step side by side and share only the
+  model's forward: the scheduler merges their KV caches into one batch, and a job's rows
+  join after its own prefill and leave with it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 
 from esamp_agents.decoding.distiller import BatchedDistiller
-from esamp_agents.decoding.params import SamplingParams
+from esamp_agents.decoding.observers import DecodeObserver
+from esamp_agents.decoding.params import ESampParams, SamplingParams
 from esamp_agents.decoding.results import Candidate, PromptResult
 from esamp_agents.decoding.text_tracking import TextTracker, cut_at_stop
 
@@ -181,4 +182,36 @@ class DecodeState:
         return results
 
 
-__all__ = ["DecodeState", "Request", "RowConstraint", "StepRecord", "TextCallback"]
+@dataclass(eq=False)
+class DecodeJob:
+    """One engine call between steps: what it asked for, and (once prefilled) its state.
+
+    Everything a step reads or changes is the job's own, so the same steps run a call
+    alone (:meth:`~esamp_agents.decoding.engine.ESampEngine.generate` inline) or beside
+    others in one batch (:class:`~esamp_agents.decoding.scheduler.BatchScheduler`).
+    """
+
+    encoded: list[list[int]]
+    sampling: SamplingParams
+    esamp: ESampParams
+    observers: Sequence[DecodeObserver] = ()
+    on_text: TextCallback | None = None
+    cancel: threading.Event | None = None
+    constraints: Sequence[RowConstraint] = ()
+    state: DecodeState | None = None
+    tokens: Any = None  # this step's tokens ([rows]), fed at the next forward
+    live_check_every: int = 1
+    decode_started: float = 0.0
+
+    @property
+    def rows(self) -> int:
+        return len(self.encoded) * self.sampling.n
+
+    @property
+    def feeds_left(self) -> int:
+        """Forwards this job may still need (the last sampled token is never fed)."""
+        done = self.state.step if self.state is not None else 0
+        return max(self.sampling.max_new_tokens - 1 - done, 0)
+
+
+__all__ = ["DecodeJob", "DecodeState", "Request", "RowConstraint", "StepRecord", "TextCallback"]

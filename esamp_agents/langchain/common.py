@@ -357,11 +357,11 @@ class ESampLangChainMixin(_ParamFields):
 
 
 def engine_for(loaded: LoadedModel) -> Any:
-    """An ESampEngine over ``loaded`` (cheap: it only keeps references; the lock lives on
-    the LoadedModel, so every engine over one model is serialised)."""
+    """The shared ESampEngine of ``loaded``: concurrent calls from any instance (threads, ``abatch``,
+    BestOfN's parallel samples, LangGraph branches) join one continuously batched decode."""
     from esamp_agents.decoding.engine import ESampEngine
 
-    return ESampEngine(loaded)
+    return ESampEngine.shared(loaded)
 
 
 # -- metadata ---------------------------------------------------------------------------

@@ -8,10 +8,11 @@ row of the request: ``index`` is the choice's, ``prompt * n + sample``) and a fi
 ``("done", (choices, usage))``; :func:`text_delta` and :func:`stream_tail` shape the stream's
 choices. With tools bound, a candidate whose grammar accepted its whole text becomes
 ``message.tool_calls`` with ``finish_reason: "tool_calls"`` (:func:`tool_call_message`); a
-streamed one holds its text back and sends the calls (or the text) at the end. ONE worker
-thread owns the engine, so concurrent requests are decoded one at a time (the engine
-serialises on the model's lock anyway; the queue also bounds how many wait). Failures are
-:class:`~esamp_agents.serving.protocol.RequestError`.
+streamed one holds its text back and sends the calls (or the text) at the end. Up to
+``max_batch_rows`` worker threads call the engine at once, and the engine's scheduler
+decodes their requests in one continuously batched decode (a request joins the running
+batch after its own prefill; see :mod:`esamp_agents.decoding.scheduler`); further requests
+wait in a bounded queue. Failures are :class:`~esamp_agents.serving.protocol.RequestError`.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from esamp_agents.decoding.loading import LoadedModel
-from esamp_agents.decoding.params import SamplingParams
+from esamp_agents.decoding.params import DEFAULT_MAX_BATCH_ROWS, SamplingParams
 from esamp_agents.decoding.results import Candidate, GenerationResult
 from esamp_agents.openai_format import TokenRenderer, chat_logprobs, completion_logprobs, renderer_for, request_usage
 from esamp_agents.serving.metrics import Metrics
@@ -37,7 +38,7 @@ from esamp_agents.tool_calling import CALL_OPEN, parse_tool_calls
 DEFAULT_MAX_BATCH_TOKENS = 1 << 18
 """rows x (prompt + max_tokens) per request: bounds the preallocated KV cache."""
 DEFAULT_MAX_QUEUE = 64
-"""Requests queued for the worker before new ones get a 503."""
+"""Requests waiting (for a worker or for room in the batch) before new ones get a 503."""
 
 
 @dataclass(eq=False)
@@ -66,13 +67,14 @@ class OpenAIBackend:
         defaults: ServeDefaults,
         max_batch_tokens: int,
         max_queue: int,
+        max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS,
         metrics: Metrics | None = None,
         engine: Any = None,
     ) -> None:
         if engine is None:
             from esamp_agents.decoding.engine import ESampEngine
 
-            engine = ESampEngine(loaded)
+            engine = ESampEngine(loaded, max_batch_rows=max_batch_rows)
         self.loaded = loaded
         self.engine = engine
         self.metrics = metrics if metrics is not None else Metrics()
@@ -83,9 +85,13 @@ class OpenAIBackend:
         self.max_batch_tokens = max_batch_tokens
         self.max_queue = max_queue
         self.created = int(time.time())
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="esamp-serve-worker")
+        # One thread per request inside the engine: each blocks in engine.generate while the
+        # scheduler batches them; more threads than batch rows could never all be decoding.
+        self._executor = ThreadPoolExecutor(max_workers=max_batch_rows, thread_name_prefix="esamp-serve-worker")
+        self.metrics.gauges = self.load
         self._pending = 0  # queued + running
         self._running = 0
+        self._rows_running = 0
         self._lock = threading.Lock()
         self._jobs: set[Job] = set()
         self._closed = False
@@ -127,24 +133,21 @@ class OpenAIBackend:
                 )
             self._pending += 1
             self._jobs.add(job)
-            self.metrics.queue_depth = self._pending - self._running
 
         def run() -> Any:
             with self._lock:
                 self._running += 1
-                self.metrics.queue_depth = self._pending - self._running
-            self.metrics.rows_in_flight += job.rows
+                self._rows_running += job.rows
             try:
                 if job.cancel.is_set():
                     raise RequestError("the request was cancelled", status=503, type="server_error", code="cancelled")
                 return fn(job)
             finally:
-                self.metrics.rows_in_flight -= job.rows
                 with self._lock:
                     self._pending -= 1
                     self._running -= 1
+                    self._rows_running -= job.rows
                     self._jobs.discard(job)
-                    self.metrics.queue_depth = self._pending - self._running
 
         try:
             return self._executor.submit(run)
@@ -152,8 +155,16 @@ class OpenAIBackend:
             with self._lock:
                 self._pending -= 1
                 self._jobs.discard(job)
-                self.metrics.queue_depth = self._pending - self._running
             raise RequestError("the server is shutting down", status=503, type="server_error") from exc
+
+    def load(self) -> tuple[int, int]:
+        """(rows being decoded, requests waiting) now: the scheduler's view when the engine batches."""
+        with self._lock:
+            queued, rows = self._pending - self._running, self._rows_running
+        stats = getattr(getattr(self.engine, "scheduler", None), "stats", None)
+        if stats is None:
+            return rows, queued
+        return stats.rows_in_flight, queued + stats.waiting
 
     @property
     def closed(self) -> bool:

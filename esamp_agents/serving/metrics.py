@@ -13,11 +13,12 @@ import bisect
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 
 TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 """Upper bounds (seconds) of the time-to-first-token histogram's buckets (``+Inf`` is added)."""
 RATE_WINDOW_S = 60.0
-"""Seconds of decoding that ``esamp_generated_tokens_per_second`` averages over."""
+"""Seconds of recent requests that ``esamp_generated_tokens_per_second`` averages over."""
 
 
 def _escape(value: str) -> str:
@@ -32,6 +33,8 @@ class Metrics:
         self.requests: dict[tuple[str, int], int] = {}
         self.rows_in_flight = 0
         self.queue_depth = 0
+        # (rows in flight, requests waiting) read when rendering; None: the two fields above
+        self.gauges: Callable[[], tuple[int, int]] | None = None
         self.generated_tokens = 0
         self._recent: deque[tuple[float, int, float]] = deque()  # (finished at, tokens, decode seconds)
         self._ttft_counts = [0] * (len(TTFT_BUCKETS) + 1)
@@ -56,15 +59,20 @@ class Metrics:
             self._ttft_sum += seconds
 
     def tokens_per_second(self) -> float:
-        """Tokens generated per second of decoding, over requests finished in the last minute (0 if none)."""
+        """Completion tokens per second of wall-clock time, over requests finished in the last minute
+        (from the earliest of their starts to now: concurrent requests decode together, so their
+        decode times overlap and must not be summed). 0 if none."""
         now = time.monotonic()
         with self._lock:
-            recent = [(tokens, seconds) for at, tokens, seconds in self._recent if at >= now - RATE_WINDOW_S]
-        busy = sum(seconds for _, seconds in recent)
-        return sum(tokens for tokens, _ in recent) / busy if busy > 0 else 0.0
+            recent = [(at, tokens, seconds) for at, tokens, seconds in self._recent if at >= now - RATE_WINDOW_S]
+        if not recent:
+            return 0.0
+        span = now - min(at - seconds for at, _, seconds in recent)
+        return sum(tokens for _, tokens, _ in recent) / span if span > 0 else 0.0
 
     def render(self) -> str:
         rate = self.tokens_per_second()
+        rows, waiting = self.gauges() if self.gauges is not None else (self.rows_in_flight, self.queue_depth)
         with self._lock:
             lines = [
                 "# HELP esamp_requests_total HTTP requests answered, by endpoint and status.",
@@ -75,10 +83,10 @@ class Metrics:
             lines += [
                 "# HELP esamp_rows_in_flight Rows (prompts x n) being decoded now.",
                 "# TYPE esamp_rows_in_flight gauge",
-                f"esamp_rows_in_flight {self.rows_in_flight}",
-                "# HELP esamp_queue_depth Requests waiting for the engine worker.",
+                f"esamp_rows_in_flight {rows}",
+                "# HELP esamp_queue_depth Requests waiting for a worker or for room in the batch.",
                 "# TYPE esamp_queue_depth gauge",
-                f"esamp_queue_depth {self.queue_depth}",
+                f"esamp_queue_depth {waiting}",
                 "# HELP esamp_generated_tokens_total Completion tokens generated.",
                 "# TYPE esamp_generated_tokens_total counter",
                 f"esamp_generated_tokens_total {self.generated_tokens}",

@@ -2,9 +2,10 @@
 
 So any OpenAI client (the ``openai`` package, ``ChatOpenAI(base_url=...)``, curl) gets N
 diverse candidates with logprobs from the local model. uvicorn runs in a background thread
-with its own event loop; the :class:`~esamp_agents.serving.backend.OpenAIBackend`'s one worker
-thread owns the engine, so requests are decoded one at a time (no continuous batching) and
-the rest wait in a bounded queue (``max_queue``; beyond it a 503 with ``Retry-After``).
+with its own event loop; the :class:`~esamp_agents.serving.backend.OpenAIBackend` hands requests
+to the engine, whose scheduler decodes them together in one continuously batched decode (up to
+``max_batch_rows`` rows, i.e. prompts x n over all requests); the rest wait in a bounded queue
+(``max_queue``; beyond it a 503 with ``Retry-After``).
 
 Defaults for fields a request leaves out: ``temperature`` 1, ``top_p`` 1, ``max_tokens`` 256
 (capped by the context window), ``top_k`` 0 (off, as OpenAI has none), ESamp's ``beta`` from
@@ -29,6 +30,7 @@ import time
 from typing import Any, TextIO
 
 from esamp_agents.decoding.loading import EMBEDDED, LoadedModel, load_model
+from esamp_agents.decoding.params import DEFAULT_MAX_BATCH_ROWS
 from esamp_agents.serving.backend import DEFAULT_MAX_BATCH_TOKENS, DEFAULT_MAX_QUEUE, OpenAIBackend
 from esamp_agents.serving.protocol import ServeDefaults, _is_int
 
@@ -118,6 +120,7 @@ class Server:
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
         max_queue: int = DEFAULT_MAX_QUEUE,
+        max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS,
         log_stream: TextIO | None = None,
     ) -> None:
         if not isinstance(model, (str, LoadedModel)) or (isinstance(model, str) and not model.strip()):
@@ -135,6 +138,7 @@ class Server:
         self.max_body_bytes = _positive("max_body_bytes", max_body_bytes)
         self.max_batch_tokens = _positive("max_batch_tokens", max_batch_tokens)
         self.max_queue = _positive("max_queue", max_queue)
+        self.max_batch_rows = _positive("max_batch_rows", max_batch_rows)
         self.defaults = defaults or ServeDefaults()
         _positive("defaults.max_tokens", self.defaults.max_tokens)
         self.model = model
@@ -177,6 +181,7 @@ class Server:
             defaults=self.defaults,
             max_batch_tokens=self.max_batch_tokens,
             max_queue=self.max_queue,
+            max_batch_rows=self.max_batch_rows,
         )
 
     def start(self) -> Server:

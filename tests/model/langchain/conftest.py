@@ -17,7 +17,7 @@ def no_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
     def boom(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("decoding started before validation")
 
-    monkeypatch.setattr(ESampEngine, "_decode", boom)
+    monkeypatch.setattr(ESampEngine, "_prefill", boom)
 
 
 # The standard integration suite runs twice on one loaded model: text tests with a 10-token

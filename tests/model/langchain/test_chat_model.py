@@ -12,6 +12,7 @@ from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.globals import get_llm_cache, set_llm_cache
 from langchain_core.messages import AIMessage, AIMessageChunk, ChatMessage, HumanMessage, SystemMessage
 
+from esamp_agents.decoding.engine import ESampEngine
 from esamp_agents.langchain.chat_model import ChatESamp
 from esamp_agents.selection.rewards import RewardError
 from tests.fakes import TokenRecorder
@@ -316,12 +317,27 @@ def test_get_token_ids_uses_the_local_tokenizer(chat, embedded):
     assert chat.get_token_ids(text) == embedded.tokenizer.encode(text, add_special_tokens=False)
 
 
-def test_concurrent_threads_share_one_model_safely(chat):
+def test_concurrent_threads_share_one_batch(chat, embedded):
+    """Calls from threads (and from another instance on the same model) decode in one batch, and
+    each still gets the reply it gets alone."""
     seeds = [1, 2, 3]
     expected = [chat.invoke(HELLO, seed=s).content for s in seeds]
-    with ThreadPoolExecutor(max_workers=3) as pool:
+    other = ChatESamp(loaded_model=embedded, model="embedded", max_tokens=8, temperature=0.8, seed=1)
+    stats = ESampEngine.shared(embedded).scheduler.stats
+    before = stats.shared_jobs
+    with ThreadPoolExecutor(max_workers=4) as pool:
         got = list(pool.map(lambda s: chat.invoke(HELLO, seed=s).content, seeds))
+        assert pool.submit(other.invoke, HELLO).result().content == expected[0]
     assert got == expected
+    assert stats.shared_jobs - before >= 2
+
+
+def test_abatch_shares_one_batch(chat, embedded):
+    stats = ESampEngine.shared(embedded).scheduler.stats
+    before = stats.shared_jobs
+    replies = asyncio.run(chat.abatch([HELLO, "Hi", COUNT], max_tokens=12))
+    assert len(replies) == 3 and all(r.content for r in replies)
+    assert stats.shared_jobs - before >= 2
 
 
 def test_no_cache_by_default(chat, embedded):

@@ -90,5 +90,6 @@ class FakeServer(Server):
             defaults=self.defaults,
             max_batch_tokens=self.max_batch_tokens,
             max_queue=self.max_queue,
+            max_batch_rows=self.max_batch_rows,
             engine=self.engine,
         )

@@ -188,7 +188,7 @@ def test_openapi_lists_the_endpoints_and_request_models(server):
 
 
 def test_full_queue_gets_503_with_retry_after():
-    with FakeServer(port=0, max_queue=1) as srv:
+    with FakeServer(port=0, max_queue=1, max_batch_rows=1) as srv:  # one request decoding at a time
         srv.engine.delay = 0.05  # 16 steps: ~0.8 s a request
         body = {"model": "fake-model", "messages": USER, "max_tokens": 16}
         results: list[int] = []
@@ -198,7 +198,7 @@ def test_full_queue_gets_503_with_retry_after():
         assert srv.engine.started.wait(10)  # one decoding...
         threads[1].start()
         deadline = time.monotonic() + 10
-        while srv.backend.metrics.queue_depth < 1 and time.monotonic() < deadline:  # ...and one queued
+        while srv.backend.load()[1] < 1 and time.monotonic() < deadline:  # ...and one queued
             time.sleep(0.01)
         status, headers, raw = call(srv.url + "/chat/completions", body)
         assert status == 503 and headers["retry-after"] == "1"
