@@ -68,7 +68,8 @@ def content_token_count(candidate: Candidate, eos_ids: Iterable[int]) -> int:
     return count
 
 
-def _finite(x: float) -> float:
+def wire_logprob(x: float) -> float:
+    """A logprob JSON can carry (non-finite values -> :data:`LOGPROB_PLACEHOLDER`)."""
     return float(x) if math.isfinite(x) else LOGPROB_PLACEHOLDER
 
 
@@ -85,7 +86,7 @@ def chat_logprobs(
     ``top`` keeps the first ``top`` alternatives (default: all recorded); ``wire=True`` makes it
     JSON-safe (non-finite logprobs -> :data:`LOGPROB_PLACEHOLDER`) and adds ``refusal: None``.
     """
-    fix = _finite if wire else float
+    fix = wire_logprob if wire else float
     content = []
     for i in range(content_token_count(candidate, eos_ids)):
         item = renderer.entry(candidate.token_ids[i], fix(candidate.logprobs[i]))
@@ -138,4 +139,5 @@ __all__ = [
     "prompt_usage",
     "renderer_for",
     "request_usage",
+    "wire_logprob",
 ]

@@ -38,7 +38,7 @@ from esamp_agents.decoding.params import DEFAULT_MAX_BATCH_ROWS, ESampParams, Sa
 from esamp_agents.decoding.results import Candidate, GenerationResult, GenerationStats
 from esamp_agents.decoding.sampling import Candidates, filter_candidates, sample_positions
 from esamp_agents.decoding.scheduler import BatchScheduler
-from esamp_agents.decoding.state import DecodeJob, DecodeState, Request, RowConstraint, TextCallback
+from esamp_agents.decoding.state import DecodeJob, DecodeState, Request, RowConstraint, TextCallback, TokenCallback
 from esamp_agents.decoding.text_tracking import TextTracker
 from esamp_agents.validation import check_int
 
@@ -74,6 +74,20 @@ def _cache_argument(model: Any) -> str:
     except (TypeError, ValueError):  # pragma: no cover - an uninspectable forward
         return "past_key_values"
     return "cache" if "cache" in parameters else "past_key_values"
+
+
+@dataclass
+class Proposal:
+    """One step of one job up to ESamp's bonus: the model's logits, the filter survivors and the
+    Distiller's error (split from the draw so the scheduler can project many jobs' errors at once)."""
+
+    model_logits: torch.Tensor  # [rows, vocab], what logprobs are read from
+    raw_logits: torch.Tensor  # before any soft cap
+    cands: Candidates | None = None
+    greedy: torch.Tensor | None = None  # [rows] tokens of a greedy step
+    error: torch.Tensor | None = None  # [rows, d] h_L - f(h_1) (ESamp from step 1 on)
+    loss: torch.Tensor | None = None  # [groups] this step's Distiller loss
+    bonus: torch.Tensor | None = None  # [rows, k] W . error on the candidates, when projected for a batch
 
 
 @dataclass
@@ -201,15 +215,23 @@ class ESampEngine:
         return torch.bmm(rows_w, error.unsqueeze(-1)).squeeze(-1).float()
 
     def _fuse(
-        self, raw_logits: torch.Tensor, cands: Candidates, error: torch.Tensor, beta: float, temperature: float
+        self,
+        raw_logits: torch.Tensor,
+        cands: Candidates,
+        error: torch.Tensor,
+        beta: float,
+        temperature: float,
+        bonus: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Scores of pi_ref^(1+beta) / q_dist^beta on the filter survivors.
 
         In logits: (1+beta) l_ref - beta l_dist = l_ref + beta W (h_L - f(h_1)); the
-        LM-head bias cancels. Both terms are divided by the temperature.
+        LM-head bias cancels. Both terms are divided by the temperature. ``bonus``: W . error
+        on the candidates when the caller projected it already (for several jobs at once).
         """
         keep = torch.isfinite(cands.scores)
-        bonus = self._project(error, cands.ids)
+        if bonus is None:
+            bonus = self._project(error, cands.ids)
         if self._softcap:  # Gemma-2 style capped logits: fuse before the cap
             raw = raw_logits if cands.ids is None else raw_logits.gather(-1, cands.ids)
             fused = self._cap(raw + beta * bonus) / temperature
@@ -252,11 +274,14 @@ class ESampEngine:
         add_special_tokens: bool = True,
         cancel: threading.Event | None = None,
         grammar: Grammar | Sequence[Grammar | None] | None = None,
+        on_token: TokenCallback | None = None,
     ) -> GenerationResult:
         """Sample ``sampling.n`` candidates for each prompt in one batched decode.
 
         ``on_text(prompt_index, sample_index, delta)`` receives text as it becomes
-        final (never text that could still turn into a stop string). ``cancel``
+        final (never text that could still turn into a stop string); ``on_token(prompt_index,
+        sample_index, token_id, logprob, top)`` every sampled token of a live row as it is drawn
+        (``top``: its ``sampling.top_logprobs`` alternatives, else None). ``cancel``
         ends the request early; unfinished candidates then end with "length".
         ``grammar`` constrains the output: one :class:`Grammar` for every row, or a list
         with one entry (a Grammar or None) per prompt or per row (prompt-major). A
@@ -271,8 +296,9 @@ class ESampEngine:
         scheduler = self.scheduler
         if scheduler is None or scheduler.on_scheduler_thread():  # alone (or nested in a callback)
             with self.loaded.lock, torch.no_grad():
-                return self._decode(encoded, sampling, esamp, observers, on_text, cancel, constraints)
+                return self._decode(encoded, sampling, esamp, observers, on_text, cancel, constraints, on_token)
         job = DecodeJob(encoded, sampling, esamp, observers, on_text, cancel or threading.Event(), constraints)
+        job.on_token = on_token
         return scheduler.run(job)
 
     @property
@@ -324,10 +350,11 @@ class ESampEngine:
         on_text: TextCallback | None,
         cancel: threading.Event | None,
         constraints: Sequence[RowConstraint] = (),
+        on_token: TokenCallback | None = None,
     ) -> GenerationResult:
         """One call decoded alone on this thread: prefill, then one step per new token until every
         row has finished (the scheduler runs the very same steps for many calls at once)."""
-        job = DecodeJob(encoded, sampling, esamp, observers, on_text, cancel, constraints)
+        job = DecodeJob(encoded, sampling, esamp, observers, on_text, cancel, constraints, on_token=on_token)
         self._start(job)
         while not self._step(job):
             assert job.state is not None
@@ -336,21 +363,25 @@ class ESampEngine:
 
     def _start(self, job: DecodeJob) -> None:
         """Prefill the job's prompts (its state holds the logits' hidden states for the first token)."""
-        job.state = self._prefill(job.encoded, job.sampling, job.esamp, job.observers, job.on_text, job.constraints)
+        job.state = self._prefill(
+            job.encoded, job.sampling, job.esamp, job.observers, job.on_text, job.constraints, job.on_token
+        )
         for obs in job.observers:
             obs.on_start(len(job.encoded), job.sampling.n, self.loaded.hidden_size)
         job.live_check_every = self._live_check_every or (1 if self.loaded.device.type == "cpu" else LIVE_CHECK_EVERY)
         job.decode_started = time.perf_counter()
 
-    def _step(self, job: DecodeJob, raw_logits: torch.Tensor | None = None) -> bool:
+    def _step(self, job: DecodeJob, proposal: Proposal | None = None) -> bool:
         """Sample -> record -> retire one token per row of ``job``; True when the job is finished.
 
-        ``raw_logits``: the job's rows of LM-head logits when the caller computed them for a
-        whole batch at once (None: from the job's own final hidden states)."""
+        ``proposal``: the step up to ESamp's bonus when the caller prepared it (the scheduler does,
+        to compute every job's logits and dense bonus in one projection each); None: here."""
         state, sampling = job.state, job.sampling
         assert state is not None
-        tokens, logits, loss = self._sample(state, sampling, job.esamp, raw_logits)
-        self._record(state, tokens, logits, loss, sampling, job.observers)
+        if proposal is None:
+            proposal = self._propose(state, sampling)
+        tokens = self._draw(state, sampling, job.esamp, proposal)
+        self._record(state, tokens, proposal.model_logits, proposal.loss, sampling, job.observers)
         self._retire(state, tokens, job.on_text, sampling.n)
         job.tokens = tokens
         last = state.step + 1 == sampling.max_new_tokens
@@ -373,6 +404,7 @@ class ESampEngine:
         observers: Sequence[DecodeObserver],
         on_text: TextCallback | None,
         constraints: Sequence[RowConstraint],
+        on_token: TokenCallback | None = None,
     ) -> DecodeState:
         """Prefill the P prompts once (left padding), build the Distillers, then repeat the cache N times."""
         loaded = self.loaded
@@ -384,7 +416,8 @@ class ESampEngine:
         eos_ids = frozenset([-1] if sampling.ignore_eos else (loaded.eos_token_ids or [-1]))
         n_states = loaded.num_layers + 1
         taps = {1, n_states - 1, *(layer % n_states for obs in observers for layer in obs.layers)}
-        tracker = TextTracker(loaded.tokenizer, rows, sampling.stop, streaming=on_text is not None)
+        listening = on_text is not None or on_token is not None
+        tracker = TextTracker(loaded.tokenizer, rows, sampling.stop, streaming=listening)
 
         t0 = time.perf_counter()
         max_len = max(len(ids) for ids in encoded)
@@ -437,6 +470,7 @@ class ESampEngine:
             completed=torch.zeros(rows, dtype=torch.bool, device=device),
             host_live=[True] * rows if tracker.active else None,
             constraints=tuple(constraints),
+            on_token=on_token,
             prefill_seconds=time.perf_counter() - t0,
             distiller_seconds=distiller_seconds,
         )
@@ -453,41 +487,60 @@ class ESampEngine:
         state.positions = state.positions + 1
         state.step += 1
 
-    def _sample(
+    def _propose(
         self,
         state: DecodeState,
         sampling: SamplingParams,
-        esamp: ESampParams,
         raw_logits: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """logits -> row constraints -> filters -> ESamp fusion on the survivors -> one token per row.
+    ) -> Proposal:
+        """logits -> row constraints -> filters -> (ESamp) the Distiller's error: everything before the bonus.
 
-        Returns (tokens, the model's logits, which the log-probabilities are read from (before any
-        constraint, as before any filter), this step's Distiller loss).
-        """
+        The logprobs are read from the model's logits (before any constraint, as before any filter)."""
         h_final = state.hidden[self.loaded.num_layers]
         if raw_logits is None:
             raw_logits = self._logits(h_final)
-        model_logits = logits = self._cap(raw_logits)  # logprobs are read from these: the model's own
+        model_logits = logits = self._cap(raw_logits)
         for constraint in state.constraints:  # before the filters: fusion only touches finite survivors
             logits = constraint.apply(logits)
         if sampling.greedy:
-            return logits.argmax(-1), model_logits, None
+            return Proposal(model_logits, raw_logits, greedy=logits.argmax(-1))
         cands = filter_candidates(logits, sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p)
-        scores, loss = cands.scores, None
+        proposal = Proposal(model_logits, raw_logits, cands=cands)
         if state.distiller is not None and state.step > 0:
             t_d = time.perf_counter()
             groups, d = state.groups, self.loaded.hidden_size
-            pred, novelty, loss = state.distiller.predict_and_loss(
+            pred, novelty, proposal.loss = state.distiller.predict_and_loss(
                 state.hidden[1].float().view(groups, -1, d),
                 h_final.float().view(groups, -1, d),
                 state.live.view(groups, -1),
             )
-            error = h_final.float() - pred.detach().view(state.rows, d)
-            scores = self._fuse(raw_logits, cands, error, esamp.beta, sampling.temperature)
+            proposal.error = h_final.float() - pred.detach().view(state.rows, d)
             state.record.novelty.append(novelty.view(state.rows))
             state.distiller_seconds += time.perf_counter() - t_d
-        return cands.vocab_ids(sample_positions(scores, state.generator)), model_logits, loss
+        return proposal
+
+    def _dense_bonus(self, proposal: Proposal) -> bool:
+        """Whether this proposal's bonus needs the whole vocabulary projected (see :meth:`_project`)."""
+        if proposal.error is None or proposal.cands is None:
+            return False
+        ids = proposal.cands.ids
+        return ids is None or ids.numel() > DENSE_PROJECTION_SHARE * self._head_weight.shape[0]
+
+    def _draw(
+        self, state: DecodeState, sampling: SamplingParams, esamp: ESampParams, proposal: Proposal
+    ) -> torch.Tensor:
+        """ESamp's bonus on the filter survivors (when there is an error), then one token per row."""
+        if proposal.greedy is not None:
+            return proposal.greedy
+        cands = proposal.cands
+        assert cands is not None
+        scores = cands.scores
+        if proposal.error is not None:
+            t_d = time.perf_counter()
+            scores = self._fuse(proposal.raw_logits, cands, proposal.error, esamp.beta, sampling.temperature,
+                                bonus=proposal.bonus)  # fmt: skip
+            state.distiller_seconds += time.perf_counter() - t_d
+        return cands.vocab_ids(sample_positions(scores, state.generator))
 
     def _record(
         self,
@@ -557,11 +610,20 @@ class ESampEngine:
         host_tokens = tokens.tolist()
         host_live, tracker, eos = state.host_live, state.tracker, state.eos_ids
         assert host_live is not None
+        on_token, lps, top_ids, top_lps = state.on_token, None, None, None
+        if on_token is not None:  # this step's logprobs to the host too (they are tiny)
+            lps = state.record.logprobs[-1].tolist()
+            if state.record.top and len(state.record.top) == len(state.record.tokens):
+                top_ids, top_lps = (t.tolist() for t in state.record.top[-1])
         stopped: list[int] = []
         for row, is_live in enumerate(host_live):
             if not is_live:
                 continue
             token = host_tokens[row]
+            if on_token is not None:
+                assert lps is not None
+                top = list(zip(top_ids[row], top_lps[row], strict=True)) if top_ids is not None else None
+                on_token(row // n, row % n, token, lps[row], top)
             ended = token in eos or (host_done is not None and host_done[row])
             if tracker.push(row, token) and not ended:
                 stopped.append(row)

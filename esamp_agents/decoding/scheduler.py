@@ -11,7 +11,9 @@ Every :meth:`~esamp_agents.decoding.engine.ESampEngine.generate` call becomes a
    generator, Distillers, grammar matchers and stop strings; finished jobs get their result;
 3. **rebuild** the batch's KV cache when jobs joined (or when finished jobs hold more rows than
    the live ones): blocks of rows, right-aligned (:mod:`esamp_agents.decoding.batch_cache`);
-4. **feed** every row's token in ONE forward (and one LM-head projection for the next step).
+4. **feed** every row's token in ONE forward (and one LM-head projection for the next step;
+   ESamp's whole-vocabulary bonus, when jobs sample without a small top-k, is also projected
+   for all of them at once).
 
 A job's rows join together and leave together (its sampler draws for all its rows each step,
 as alone, so a seed gives the same draws in any company). What batching can change is float
@@ -35,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.nn import functional as F
 
 from esamp_agents.decoding.batch_cache import Block, merge, mergeable, merged_mask
 from esamp_agents.decoding.params import DEFAULT_MAX_BATCH_ROWS
@@ -42,7 +45,7 @@ from esamp_agents.decoding.results import GenerationResult
 from esamp_agents.decoding.state import DecodeJob
 
 if TYPE_CHECKING:
-    from esamp_agents.decoding.engine import ESampEngine
+    from esamp_agents.decoding.engine import ESampEngine, Proposal
 
 
 @dataclass
@@ -251,11 +254,19 @@ class BatchScheduler:
                 started.append(t)
             except BaseException as exc:  # only this job (its prefill, a Distiller warm start...)
                 self._fail(t, exc)
+        engine = self.engine
+        proposals: dict[_Ticket, Proposal] = {}
         for t in [*batch.live, *started]:
             try:
-                finished = self.engine._step(t.job, batch.logits_for(t))
-                if finished:
-                    result = self.engine._complete(t.job)
+                assert t.job.state is not None
+                proposals[t] = engine._propose(t.job.state, t.job.sampling, batch.logits_for(t))
+            except BaseException as exc:
+                self._fail(t, exc)
+        self._project_together(proposals)
+        for t, proposal in proposals.items():
+            try:
+                if engine._step(t.job, proposal):
+                    result = engine._complete(t.job)
                     t.done = True
                     self.stats.jobs += 1
                     self.stats.shared_jobs += t.shared
@@ -274,6 +285,23 @@ class BatchScheduler:
         if live:
             self.stats.peak_rows = max(self.stats.peak_rows, batch.rows)
             batch.feed()
+
+    def _project_together(self, proposals: dict[_Ticket, Proposal]) -> None:
+        """ESamp's dense bonus (W . error over the whole vocabulary, for jobs without a small top-k)
+        for every such job in ONE projection: each one alone would read the whole LM head again."""
+        engine = self.engine
+        dense = [p for p in proposals.values() if engine._dense_bonus(p)]
+        if len(dense) < 2:
+            return
+        weight = engine._head_weight
+        errors = torch.cat([p.error for p in dense if p.error is not None]).to(weight.dtype)
+        projected = F.linear(errors, weight).float()
+        row = 0
+        for p in dense:
+            assert p.error is not None and p.cands is not None
+            part = projected[row : row + p.error.shape[0]]
+            p.bonus = part if p.cands.ids is None else part.gather(-1, p.cands.ids)
+            row += p.error.shape[0]
 
     def _fail(self, ticket: _Ticket, exc: BaseException) -> None:
         ticket.done = True

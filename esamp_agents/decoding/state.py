@@ -36,6 +36,9 @@ from esamp_agents.decoding.text_tracking import TextTracker, cut_at_stop
 TextCallback = Callable[[int, int, str], None]
 """``on_text(prompt_index, sample_index, delta)``: streamed text that is final."""
 
+TokenCallback = Callable[[int, int, int, float, "list[tuple[int, float]] | None"], None]
+"""``on_token(prompt_index, sample_index, token_id, logprob, top)``: each token as it is sampled."""
+
 
 @runtime_checkable
 class RowConstraint(Protocol):
@@ -98,6 +101,7 @@ class DecodeState:
     # "is anything still live?" costs no device sync; None otherwise.
     host_live: list[bool] | None = None
     constraints: tuple[RowConstraint, ...] = ()
+    on_token: TokenCallback | None = None
     record: StepRecord = field(default_factory=StepRecord)
     step: int = 0
     prefill_seconds: float = 0.0
@@ -198,6 +202,7 @@ class DecodeJob:
     on_text: TextCallback | None = None
     cancel: threading.Event | None = None
     constraints: Sequence[RowConstraint] = ()
+    on_token: TokenCallback | None = None
     state: DecodeState | None = None
     tokens: Any = None  # this step's tokens ([rows]), fed at the next forward
     live_check_every: int = 1
@@ -214,4 +219,4 @@ class DecodeJob:
         return max(self.sampling.max_new_tokens - 1 - done, 0)
 
 
-__all__ = ["DecodeJob", "DecodeState", "Request", "RowConstraint", "StepRecord", "TextCallback"]
+__all__ = ["DecodeJob", "DecodeState", "Request", "RowConstraint", "StepRecord", "TextCallback", "TokenCallback"]

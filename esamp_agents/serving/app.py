@@ -18,7 +18,7 @@ down (with ``Retry-After``), 500 internal error (with its message).
 Streams (``stream: true``, any ``n``, any number of prompts) are server-sent events
 ``data: {chunk}`` and ``data: [DONE]``: each choice (``choices[0].index`` = prompt x n + sample)
 gets its own chunks as its text grows, then a closing chunk with its ``finish_reason`` and, when
-requested, its logprobs (whole, in that last chunk: the engine streams text, not tokens); with
+requested, logprobs chunk by chunk (each text chunk carries its tokens'; the closing chunk the rest); with
 ``stream_options.include_usage`` a last chunk carries the usage and no choices. With tools
 offered, a choice's reply is held back and sent at its end (as ``delta.tool_calls`` when it is a
 complete tool call). The first event decides the status, so a prompt too long for the context
@@ -318,9 +318,9 @@ def create_app(
                 while True:
                     kind, payload = item
                     if kind == "text":
-                        index, delta = payload
+                        index, delta, logprobs = payload
                         if delta:
-                            yield chunk([text_delta(request, delta, index=index)])
+                            yield chunk([text_delta(request, delta, index=index, logprobs=logprobs)])
                     elif kind == "done":
                         choices, usage = payload
                         for choice in choices:

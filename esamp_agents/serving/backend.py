@@ -3,8 +3,8 @@
 :class:`OpenAIBackend` knows nothing of HTTP (the ASGI front end is :mod:`esamp_agents.serving.app`):
 it validates a body into a :class:`~esamp_agents.serving.protocol.ParsedRequest`,
 queues it as a :class:`Job` and answers with an OpenAI response body (built with
-:mod:`esamp_agents.openai_format`) or, streamed, with ``("text", (index, delta))`` events (every
-row of the request: ``index`` is the choice's, ``prompt * n + sample``) and a final
+:mod:`esamp_agents.openai_format`) or, streamed, with ``("text", (index, delta, logprobs))`` events
+(every row of the request: ``index`` is the choice's, ``prompt * n + sample``) and a final
 ``("done", (choices, usage))``; :func:`text_delta` and :func:`stream_tail` shape the stream's
 choices. With tools bound, a candidate whose grammar accepted its whole text becomes
 ``message.tool_calls`` with ``finish_reason: "tool_calls"`` (:func:`tool_call_message`); a
@@ -30,7 +30,14 @@ from typing import Any
 from esamp_agents.decoding.loading import LoadedModel
 from esamp_agents.decoding.params import DEFAULT_MAX_BATCH_ROWS, SamplingParams
 from esamp_agents.decoding.results import Candidate, GenerationResult
-from esamp_agents.openai_format import TokenRenderer, chat_logprobs, completion_logprobs, renderer_for, request_usage
+from esamp_agents.openai_format import (
+    TokenRenderer,
+    chat_logprobs,
+    completion_logprobs,
+    renderer_for,
+    request_usage,
+    wire_logprob,
+)
 from esamp_agents.serving.metrics import Metrics
 from esamp_agents.serving.protocol import ParsedRequest, RequestError, ServeDefaults, parse_request
 from esamp_agents.tool_calling import CALL_OPEN, parse_tool_calls
@@ -237,7 +244,12 @@ class OpenAIBackend:
             )
         return replace(request.sampling, max_new_tokens=request.max_tokens)
 
-    def _generate(self, job: Job, on_text: Callable[[int, int, str], None] | None = None) -> GenerationResult:
+    def _generate(
+        self,
+        job: Job,
+        on_text: Callable[[int, int, str], None] | None = None,
+        on_token: Callable[..., None] | None = None,
+    ) -> GenerationResult:
         request = job.request
         prompt_ids = self._prompt_ids(request)
         sampling = self._sampling(request, prompt_ids)
@@ -248,6 +260,7 @@ class OpenAIBackend:
                 sampling,
                 request.esamp,
                 on_text=on_text,
+                on_token=on_token,
                 cancel=job.cancel,
                 add_special_tokens=False,
                 grammar=request.grammar,
@@ -295,28 +308,42 @@ class OpenAIBackend:
         }
 
     def stream_worker(self, job: Job) -> None:
-        """Decode every row, posting ("text", (index, delta)) events and then ("done", (choices, usage)).
+        """Decode every row, posting ("text", (index, delta, logprobs)) events and then ("done", (choices, usage)).
 
-        ``index`` is the choice's (``prompt * n + sample``), as in :meth:`complete`. With tools
-        offered, no text events: the reply is only known to be a tool call or text at its end,
-        so :func:`stream_tail` sends it then."""
+        ``index`` is the choice's (``prompt * n + sample``), as in :meth:`complete`; ``logprobs``
+        (when requested, else None) covers the tokens drawn since the choice's previous text event,
+        and each final choice's logprobs hold only the tokens no text event carried, so a choice's
+        chunks together carry exactly the logprobs :meth:`complete` would. With tools offered, no
+        text events: the reply is only known to be a tool call or text at its end, so
+        :func:`stream_tail` sends it then."""
         post = job.post
         assert post is not None
-        n = job.request.n
+        request = job.request
+        n = request.n
+        chunks = _ChunkLogprobs(self, request) if request.logprobs else None
 
         def on_text(p: int, s: int, delta: str) -> None:
-            post(("text", (p * n + s, delta)))
+            index = p * n + s
+            post(("text", (index, delta, chunks.take(index, delta) if chunks is not None else None)))
 
-        result = self._generate(job, on_text=None if job.request.calls_tools else on_text)
+        text_events = not request.calls_tools
+        result = self._generate(
+            job,
+            on_text=on_text if text_events else None,
+            on_token=chunks.add if chunks is not None and text_events else None,
+        )
         choices = [
-            self._choice(job.request, c, p * n + c.index) for p, prompt_result in enumerate(result)
+            self._choice(request, c, p * n + c.index) for p, prompt_result in enumerate(result)
             for c in prompt_result.candidates
         ]  # fmt: skip
+        if chunks is not None:
+            for choice in choices:
+                choice["logprobs"] = chunks.rest(choice["index"], choice["logprobs"])
         post(("done", (choices, request_usage(result))))
 
     def start_stream(self, job: Job, post: Callable[[tuple[str, Any]], None]) -> Future[Any]:
         """Queue a streamed job whose events go to ``post`` (from the worker thread): ``("text", (index,
-        delta))``..., then ``("done", (choices, usage))``, or ``("error", None)`` when the job failed or
+        delta, logprobs))``..., then ``("done", (choices, usage))``, or ``("error", None)`` when the job failed or
         was cancelled (its future holds why)."""
         job.post = post
         future = self.submit(job, self.stream_worker)
@@ -354,12 +381,56 @@ def tool_call_message(request: ParsedRequest, candidate: Candidate) -> tuple[str
     return reply.content or None, calls
 
 
-def text_delta(request: ParsedRequest, text: str, first: bool = False, index: int = 0) -> dict[str, Any]:
+def text_delta(
+    request: ParsedRequest, text: str, first: bool = False, index: int = 0, logprobs: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Streamed choice ``index`` carrying ``text`` (a choice's first chat chunk also names the role)."""
     if request.kind == "chat":
         delta: dict[str, Any] = {"role": "assistant", "content": text} if first else {"content": text}
-        return {"index": index, "delta": delta, "logprobs": None, "finish_reason": None}
-    return {"index": index, "text": text, "logprobs": None, "finish_reason": None}
+        return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": None}
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": None}
+
+
+class _ChunkLogprobs:
+    """Per-choice logprobs of a stream: the tokens drawn since the last text event go with the next one."""
+
+    def __init__(self, backend: OpenAIBackend, request: ParsedRequest) -> None:
+        self.renderer = backend._renderer_once()
+        self.request = request
+        self.pending: dict[int, list[dict[str, Any]]] = {}
+        self.sent: dict[int, int] = {}
+        self.offset: dict[int, int] = {}  # completions: text offset of the next chunk's first token
+
+    def add(self, p: int, s: int, token: int, logprob: float, top: list[tuple[int, float]] | None) -> None:
+        entry = self.renderer.entry(token, wire_logprob(logprob))
+        alternatives = (top or [])[: self.request.top_logprobs]
+        entry["top_logprobs"] = [self.renderer.entry(t, wire_logprob(lp)) for t, lp in alternatives]
+        self.pending.setdefault(p * self.request.n + s, []).append(entry)
+
+    def take(self, index: int, delta: str) -> dict[str, Any] | None:
+        entries = self.pending.pop(index, [])
+        if not entries:
+            return None
+        self.sent[index] = self.sent.get(index, 0) + len(entries)
+        return self._shape(index, entries)
+
+    def rest(self, index: int, whole: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The part of a choice's whole logprobs that no text event carried."""
+        if whole is None:
+            return None
+        sent = self.sent.get(index, 0)
+        if self.request.kind == "chat":
+            return {**whole, "content": whole["content"][sent:]}
+        return {key: values[sent:] for key, values in whole.items()}
+
+    def _shape(self, index: int, entries: list[dict[str, Any]]) -> dict[str, Any]:
+        if self.request.kind == "chat":
+            return {"content": entries, "refusal": None}
+        shaped = completion_logprobs({"content": entries})
+        start = self.offset.get(index, 0)
+        shaped["text_offset"] = [start + o for o in shaped["text_offset"]]
+        self.offset[index] = start + sum(len(e["token"]) for e in entries)
+        return shaped
 
 
 def stream_tail(request: ParsedRequest, choice: dict[str, Any]) -> list[dict[str, Any]]:

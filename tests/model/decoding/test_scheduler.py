@@ -98,6 +98,7 @@ CONFIGS = {
     "greedy": (SamplingParams(n=1, max_new_tokens=24, temperature=0.0), PLAIN),
     "seeded-plain": (SamplingParams(n=3, max_new_tokens=24, seed=3), PLAIN),
     "seeded-esamp-topk": (SamplingParams(n=2, max_new_tokens=20, seed=5, top_k=50), ESampParams(beta=0.25)),
+    "esamp-whole-vocabulary": (SamplingParams(n=2, max_new_tokens=16, seed=11, top_k=0), ESampParams(beta=0.25)),
     "stop-and-top-logprobs": (
         SamplingParams(n=2, max_new_tokens=24, seed=7, stop=("\n",), top_logprobs=3),
         ESampParams(beta=0.5),
@@ -108,7 +109,7 @@ CONFIGS = {
 def test_calls_that_join_a_busy_batch_get_what_they_get_alone(embedded, alone, batched) -> None:
     """Greedy, seeded plain sampling, seeded ESamp, stop strings and top logprobs: the very same
     tokens and texts with and without company; logprobs differ at most by float rounding."""
-    questions = ["7 + 5 =", "Name a colour.", "A haiku?", "Hi!"]
+    questions = ["7 + 5 =", "Name a colour.", "A haiku?", "Why is the sky blue?", "Hi!"]
     prompts = {name: chat(embedded, q) for name, q in zip(CONFIGS, questions, strict=True)}
     reference = {name: alone.generate([prompts[name]], *CONFIGS[name], add_special_tokens=False) for name in CONFIGS}
     long_prompt = chat(embedded, "Tell me a long story about a dragon.")

@@ -43,7 +43,8 @@ class FakeEngine:
         self.calls = 0
 
     def generate(self, prompt_ids: Any, sampling: Any, esamp: Any, *, on_text: Any = None, cancel: Any = None,
-                 add_special_tokens: bool = False, grammar: Any = None) -> GenerationResult:  # fmt: skip
+                 add_special_tokens: bool = False, grammar: Any = None,
+                 on_token: Any = None) -> GenerationResult:  # fmt: skip
         self.calls += 1
         self.started.set()
         results = []
@@ -61,6 +62,9 @@ class FakeEngine:
                         time.sleep(self.delay)
                     token = 1 + ((sampling.seed or 0) + s + k) % 900
                     tokens.append(token)
+                    if on_token is not None:
+                        top = [(token, -0.5)] * sampling.top_logprobs if sampling.top_logprobs else None
+                        on_token(p, s, token, -0.25, top)
                     if on_text is not None:
                         on_text(p, s, f" t{token}")
                 top = [[(t, -0.5)] * sampling.top_logprobs for t in tokens] if sampling.top_logprobs else None

@@ -147,7 +147,33 @@ def test_stream_without_usage_and_completions_streams(client):
                                               logprobs=2))  # fmt: skip
     finals = {c.choices[0].index: c.choices[0] for c in streamed if c.choices[0].finish_reason}
     assert sorted(finals) == [0, 1, 2, 3]
-    assert all(len(f.logprobs.tokens) == 3 for f in finals.values())  # logprobs in each choice's last chunk
+
+
+def test_streamed_logprobs_come_chunk_by_chunk_and_add_up_to_the_whole(client):
+    """Each text chunk carries its own tokens' logprobs, the closing chunk the rest: per choice, the
+    chunks together are exactly the non-streamed response's logprobs (chat and completions)."""
+    chat = {"model": "fake-model", "messages": USER, "n": 2, "max_tokens": 4, "seed": 1, "logprobs": True}
+    whole = client.chat.completions.create(**chat, top_logprobs=2)
+    parts: dict[int, list[Any]] = {0: [], 1: []}
+    carried = 0
+    for c in client.chat.completions.create(**chat, top_logprobs=2, stream=True):
+        for choice in c.choices:
+            if choice.logprobs is not None:
+                parts[choice.index] += choice.logprobs.content
+                carried += bool(choice.delta.content and choice.logprobs.content)
+    assert carried >= 4  # text chunks carried logprobs, not only the closing ones
+    assert {i: [e.model_dump() for e in p] for i, p in parts.items()} == {
+        c.index: [e.model_dump() for e in c.logprobs.content] for c in whole.choices
+    }
+
+    text = {"model": "fake-model", "prompt": "a", "max_tokens": 4, "seed": 2, "logprobs": 2}
+    whole_text = client.completions.create(**text).choices[0].logprobs
+    merged: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for c in client.completions.create(**text, stream=True):
+        if c.choices[0].logprobs is not None:
+            for key in merged:
+                merged[key] += getattr(c.choices[0].logprobs, key)
+    assert merged == {key: getattr(whole_text, key) for key in merged}
 
 
 def test_metrics_parse_and_count_requests(server, client):
