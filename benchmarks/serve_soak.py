@@ -21,7 +21,9 @@ range and each index gets exactly one final ``finish_reason``.
 Records per-kind counts, latencies and completion tokens (from ``usage``: streams count only
 when they asked for ``include_usage``, disconnects never), errors (any exception, unexpected status or failed
 check), lost requests (sent but never answered or finished), ``/metrics`` before and after,
-the process's RSS at the start, after the first 20 requests (warm) and at the end; then
+the process's RSS at the start, after the first 20 requests (warm), after each quarter of the
+requests and at the end (each quarter and the end also after glibc's ``malloc_trim``, which
+separates memory still held from pages the allocator kept); then
 ``GET /health`` must answer ok, the server must be idle (no rows in flight, empty queue) and a
 final plain request must succeed. Prints a summary table, writes JSON to
 ``benchmarks/out/serve_soak.json`` (``--out``) and exits 1 if anything failed or was lost.
@@ -300,6 +302,18 @@ def rss_bytes() -> int:
     return -1
 
 
+def trimmed_rss_bytes() -> int:
+    """RSS after asking glibc to hand freed heap pages back (so growth left is memory still held,
+    not allocator retention); plain RSS where there is no glibc."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    return rss_bytes()
+
+
 def _median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
@@ -331,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     next_index = [0]
     finished = [0]
     failures: list[str] = []
+    quarters = {len(specs) * q // 4 for q in (1, 2, 3)} - {0}
 
     loaded = load_model("embedded", device="cpu")
     rss["loaded"] = rss_bytes()
@@ -355,6 +370,9 @@ def main(argv: list[str] | None = None) -> int:
                     if finished[0] == WARM_AFTER:
                         rss["warm"] = rss_bytes()
                     done = finished[0]
+                    if done in quarters:
+                        rss[f"after {done}"] = rss_bytes()
+                        rss[f"after {done} trimmed"] = trimmed_rss_bytes()
                 rec = records[i]
                 if rec["outcome"] in ("error", "lost"):
                     print(f"  request {i} ({rec['kind']}): {rec['outcome']}: {rec.get('error')}", flush=True)
@@ -369,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         seconds = time.perf_counter() - start
         stuck_threads = sum(th.is_alive() for th in threads)
         rss["end"] = rss_bytes()
+        rss["end trimmed"] = trimmed_rss_bytes()
         for rec in records:
             if rec["state"] == "sent":  # sent, never finished
                 rec["outcome"] = "lost"
