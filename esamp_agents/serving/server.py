@@ -32,7 +32,8 @@ from typing import Any, TextIO
 from esamp_agents.decoding.loading import EMBEDDED, LoadedModel, load_model
 from esamp_agents.decoding.params import DEFAULT_MAX_BATCH_ROWS
 from esamp_agents.serving.backend import DEFAULT_MAX_BATCH_TOKENS, DEFAULT_MAX_QUEUE, OpenAIBackend
-from esamp_agents.serving.protocol import ServeDefaults, _is_int
+from esamp_agents.serving.fields import is_int
+from esamp_agents.serving.protocol import ServeDefaults
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -57,13 +58,13 @@ def require_serve_dependencies() -> None:
 
 
 def _check_port(port: Any) -> int:
-    if not _is_int(port) or not 0 <= port <= 65535:
+    if not is_int(port) or not 0 <= port <= 65535:
         raise ValueError(f"port={port!r} is out of range; allowed: 0 <= port <= 65535 (0 = any free port)")
     return int(port)
 
 
 def _positive(name: str, value: Any) -> int:
-    if not _is_int(value) or value < 1:
+    if not is_int(value) or value < 1:
         raise ValueError(f"{name}={value!r} is invalid; allowed: an integer >= 1")
     return int(value)
 
