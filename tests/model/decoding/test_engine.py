@@ -249,3 +249,18 @@ def test_row_constraint_masks_before_the_filters_and_finishes_rows(engine: ESamp
             out = engine._decode(encoded, sp, esamp, (), on_text, None, constraints=[TwoTokensThenDone()])
         for c in out[0].candidates:
             assert len(c.token_ids) == 5 and set(c.token_ids) <= set(allowed_ids)
+
+
+def test_on_token_reports_every_token_with_its_logprob_as_drawn(engine: ESampEngine, chat_prompt: str) -> None:
+    """What streams of per-token logprobs read: the same tokens, logprobs and alternatives as the result."""
+    seen: dict[tuple[int, int], list[tuple[int, float, list[tuple[int, float]] | None]]] = {}
+    sp = SamplingParams(n=2, max_new_tokens=8, seed=3, top_logprobs=2)
+    out = engine.generate(
+        [chat_prompt], sp, ESampParams(beta=0.25), add_special_tokens=False,
+        on_token=lambda p, s, token, lp, top: seen.setdefault((p, s), []).append((token, lp, top)),
+    )  # fmt: skip
+    for c in out[0].candidates:
+        got = seen[(0, c.index)]
+        assert [t for t, _, _ in got] == c.token_ids
+        assert [lp for _, lp, _ in got] == pytest.approx(c.logprobs, abs=1e-6)
+        assert [top for _, _, top in got] == [[(i, pytest.approx(v, abs=1e-6)) for i, v in t] for t in c.top_logprobs]
