@@ -15,7 +15,7 @@ from esamp_agents.decoding.results import GenerationResult
 from esamp_agents.decoding.scheduler import wait_for
 
 PLAIN = ESampParams(beta=0.0)
-LONG = SamplingParams(n=2, max_new_tokens=32, seed=1, ignore_eos=True)
+LONG = SamplingParams(n=2, max_new_tokens=24, seed=1, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
@@ -95,12 +95,12 @@ def concurrently(fns: list[Callable[[], GenerationResult]]) -> list[GenerationRe
 
 
 CONFIGS = {
-    "greedy": (SamplingParams(n=1, max_new_tokens=16, temperature=0.0), PLAIN),
-    "seeded-plain": (SamplingParams(n=3, max_new_tokens=16, seed=3), PLAIN),
-    "seeded-esamp-topk": (SamplingParams(n=2, max_new_tokens=20, seed=5, top_k=50), ESampParams(beta=0.25)),
-    "esamp-whole-vocabulary": (SamplingParams(n=2, max_new_tokens=16, seed=11, top_k=0), ESampParams(beta=0.25)),
+    "greedy": (SamplingParams(n=1, max_new_tokens=12, temperature=0.0), PLAIN),
+    "seeded-plain": (SamplingParams(n=2, max_new_tokens=12, seed=3), PLAIN),
+    "seeded-esamp-topk": (SamplingParams(n=2, max_new_tokens=12, seed=5, top_k=50), ESampParams(beta=0.25)),
+    "esamp-whole-vocabulary": (SamplingParams(n=2, max_new_tokens=12, seed=11, top_k=0), ESampParams(beta=0.25)),
     "stop-and-top-logprobs": (
-        SamplingParams(n=2, max_new_tokens=16, seed=7, stop=("\n",), top_logprobs=3),
+        SamplingParams(n=2, max_new_tokens=12, seed=7, stop=("\n",), top_logprobs=3),
         ESampParams(beta=0.5),
     ),
 }
@@ -130,7 +130,7 @@ def test_calls_that_join_a_busy_batch_get_what_they_get_alone(embedded, alone, b
         assert outputs(result) == outputs(reference[name]), name
         assert max_logprob_gap(result, reference[name]) < 1e-3, name
     assert outputs(long_joined) == outputs(long_alone)
-    assert [len(c.token_ids) for c in long_joined[0].candidates] == [32, 32]
+    assert [len(c.token_ids) for c in long_joined[0].candidates] == [24, 24]
 
 
 def test_a_grammar_constrained_call_joins_a_plain_batch(embedded, alone, batched) -> None:
@@ -154,7 +154,7 @@ def test_a_grammar_constrained_call_joins_a_plain_batch(embedded, alone, batched
 
 def test_cancelling_one_call_leaves_the_others_undisturbed(embedded, alone, batched) -> None:
     prompt = chat(embedded, "Name three fruits.")
-    sp = SamplingParams(n=2, max_new_tokens=20, seed=4)
+    sp = SamplingParams(n=2, max_new_tokens=12, seed=4)
     reference = alone.generate([prompt], sp, PLAIN, add_special_tokens=False)
     cancel = threading.Event()
     steps: list[int] = []

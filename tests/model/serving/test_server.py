@@ -227,7 +227,7 @@ def test_requests_join_a_running_one_and_get_what_they_get_alone(server, client)
     long_done = threading.Event()
 
     def long_request() -> None:
-        client.chat.completions.create(model="embedded", messages=USER, max_tokens=80, extra_body={"ignore_eos": True})
+        client.chat.completions.create(model="embedded", messages=USER, max_tokens=56, extra_body={"ignore_eos": True})
         long_done.set()
 
     worker = threading.Thread(target=long_request)
