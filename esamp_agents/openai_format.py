@@ -86,16 +86,36 @@ def chat_logprobs(
     ``top`` keeps the first ``top`` alternatives (default: all recorded); ``wire=True`` makes it
     JSON-safe (non-finite logprobs -> :data:`LOGPROB_PLACEHOLDER`) and adds ``refusal: None``.
     """
-    fix = wire_logprob if wire else float
-    content = []
-    for i in range(content_token_count(candidate, eos_ids)):
-        item = renderer.entry(candidate.token_ids[i], fix(candidate.logprobs[i]))
-        alternatives = candidate.top_logprobs[i] if candidate.top_logprobs else []
-        if top is not None:
-            alternatives = alternatives[:top]
-        item["top_logprobs"] = [renderer.entry(tid, fix(lp)) for tid, lp in alternatives]
-        content.append(item)
+    content = [
+        token_logprob_entry(
+            renderer,
+            candidate.token_ids[i],
+            candidate.logprobs[i],
+            candidate.top_logprobs[i] if candidate.top_logprobs else [],
+            top=top,
+            wire=wire,
+        )
+        for i in range(content_token_count(candidate, eos_ids))
+    ]
     return {"content": content, "refusal": None} if wire else {"content": content}
+
+
+def token_logprob_entry(
+    renderer: TokenRenderer,
+    token_id: int,
+    logprob: float,
+    alternatives: Sequence[tuple[int, float]],
+    *,
+    top: int | None = None,
+    wire: bool = False,
+) -> dict[str, Any]:
+    """One token's ``{token, bytes, logprob, top_logprobs}`` (the first ``top`` alternatives;
+    ``wire``: non-finite logprobs -> :data:`LOGPROB_PLACEHOLDER`)."""
+    fix = wire_logprob if wire else float
+    item = renderer.entry(token_id, fix(logprob))
+    kept = alternatives if top is None else alternatives[:top]
+    item["top_logprobs"] = [renderer.entry(tid, fix(lp)) for tid, lp in kept]
+    return item
 
 
 def completion_logprobs(chat: dict[str, Any]) -> dict[str, Any]:
@@ -139,5 +159,6 @@ __all__ = [
     "prompt_usage",
     "renderer_for",
     "request_usage",
+    "token_logprob_entry",
     "wire_logprob",
 ]

@@ -241,3 +241,13 @@ def make_logprob_head(base_model: str = "embedded:SmolLM2-135M-Instruct.Q4_1.ggu
         head.linear.bias.copy_(torch.randn(2, generator=g) * 0.1)
     head.set_standardisation(torch.full((spec.dim,), -5.0), torch.full((spec.dim,), 4.0))
     return head
+
+
+def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.005) -> bool:
+    """Poll ``predicate()`` until it is true or ``timeout`` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())

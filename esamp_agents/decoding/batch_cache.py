@@ -83,14 +83,4 @@ def merged_mask(masks: Sequence[tuple[torch.Tensor, int]], width: int, capacity:
     return out
 
 
-def cache_bytes(cache: Any) -> int:
-    """Bytes held by a cache's key and value tensors."""
-    total = 0
-    for layer in getattr(cache, "layers", ()):
-        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
-    return total
-
-
-__all__ = ["Block", "cache_bytes", "merge", "mergeable", "merged_mask"]
+__all__ = ["Block", "merge", "mergeable", "merged_mask"]

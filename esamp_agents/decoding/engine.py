@@ -208,7 +208,7 @@ class ESampEngine:
         size such as a union of survivors, which would make the host wait for the device)."""
         weight = self._head_weight
         error = error.to(weight.dtype)
-        if ids is None or ids.numel() > DENSE_PROJECTION_SHARE * weight.shape[0]:
+        if self._projects_densely(ids):
             dense = F.linear(error, weight).float()
             return dense if ids is None else dense.gather(-1, ids)
         rows_w = weight.index_select(0, ids.flatten()).view(*ids.shape, -1)  # [rows, k, d]
@@ -297,9 +297,8 @@ class ESampEngine:
         if scheduler is None or scheduler.on_scheduler_thread():  # alone (or nested in a callback)
             with self.loaded.lock, torch.no_grad():
                 return self._decode(encoded, sampling, esamp, observers, on_text, cancel, constraints, on_token)
-        job = DecodeJob(encoded, sampling, esamp, observers, on_text, cancel or threading.Event(), constraints)
-        job.on_token = on_token
-        return scheduler.run(job)
+        cancel = cancel or threading.Event()  # so an interrupted wait can cancel the job
+        return scheduler.run(DecodeJob(encoded, sampling, esamp, observers, on_text, cancel, constraints, on_token))
 
     @property
     def scheduler(self) -> BatchScheduler | None:
@@ -354,7 +353,7 @@ class ESampEngine:
     ) -> GenerationResult:
         """One call decoded alone on this thread: prefill, then one step per new token until every
         row has finished (the scheduler runs the very same steps for many calls at once)."""
-        job = DecodeJob(encoded, sampling, esamp, observers, on_text, cancel, constraints, on_token=on_token)
+        job = DecodeJob(encoded, sampling, esamp, observers, on_text, cancel, constraints, on_token)
         self._start(job)
         while not self._step(job):
             assert job.state is not None
@@ -382,7 +381,7 @@ class ESampEngine:
             proposal = self._propose(state, sampling)
         tokens = self._draw(state, sampling, job.esamp, proposal)
         self._record(state, tokens, proposal.model_logits, proposal.loss, sampling, job.observers)
-        self._retire(state, tokens, job.on_text, sampling.n)
+        self._retire(state, tokens, job.on_text, sampling.n, job.on_token)
         job.tokens = tokens
         last = state.step + 1 == sampling.max_new_tokens
         cancelled = job.cancel is not None and job.cancel.is_set()
@@ -470,7 +469,6 @@ class ESampEngine:
             completed=torch.zeros(rows, dtype=torch.bool, device=device),
             host_live=[True] * rows if tracker.active else None,
             constraints=tuple(constraints),
-            on_token=on_token,
             prefill_seconds=time.perf_counter() - t0,
             distiller_seconds=distiller_seconds,
         )
@@ -519,12 +517,13 @@ class ESampEngine:
             state.distiller_seconds += time.perf_counter() - t_d
         return proposal
 
-    def _dense_bonus(self, proposal: Proposal) -> bool:
-        """Whether this proposal's bonus needs the whole vocabulary projected (see :meth:`_project`)."""
-        if proposal.error is None or proposal.cands is None:
-            return False
-        ids = proposal.cands.ids
+    def _projects_densely(self, ids: torch.Tensor | None) -> bool:
+        """Whether :meth:`_project` projects the whole vocabulary for candidates ``ids``."""
         return ids is None or ids.numel() > DENSE_PROJECTION_SHARE * self._head_weight.shape[0]
+
+    def _dense_bonus(self, proposal: Proposal) -> bool:
+        """Whether this proposal's bonus needs the whole vocabulary projected."""
+        return proposal.error is not None and proposal.cands is not None and self._projects_densely(proposal.cands.ids)
 
     def _draw(
         self, state: DecodeState, sampling: SamplingParams, esamp: ESampParams, proposal: Proposal
@@ -568,7 +567,14 @@ class ESampEngine:
             record.loss.append(loss.detach())
             state.distiller_seconds += time.perf_counter() - t_d
 
-    def _retire(self, state: DecodeState, tokens: torch.Tensor, on_text: TextCallback | None, n: int) -> None:
+    def _retire(
+        self,
+        state: DecodeState,
+        tokens: torch.Tensor,
+        on_text: TextCallback | None,
+        n: int,
+        on_token: TokenCallback | None = None,
+    ) -> None:
         """Rows that just emitted an end token, completed a stop string or satisfied a constraint finish."""
         state.lengths += state.live
         finished = state.live & torch.isin(tokens, state.eos)
@@ -579,7 +585,7 @@ class ESampEngine:
                 finished |= state.live & done
         if state.host_live is not None:
             host_done = finished.tolist() if state.constraints else None
-            stopped = self._track_text(state, tokens, host_done, on_text, n)
+            stopped = self._track_text(state, tokens, host_done, on_text, n, on_token)
             if stopped is not None:
                 finished |= stopped
         state.live = state.live & ~finished
@@ -600,6 +606,7 @@ class ESampEngine:
         host_done: list[bool] | None,
         on_text: TextCallback | None,
         n: int,
+        on_token: TokenCallback | None = None,
     ) -> torch.Tensor | None:
         """Host-side text work, only for requests with stop strings or a listener.
 
@@ -610,10 +617,10 @@ class ESampEngine:
         host_tokens = tokens.tolist()
         host_live, tracker, eos = state.host_live, state.tracker, state.eos_ids
         assert host_live is not None
-        on_token, lps, top_ids, top_lps = state.on_token, None, None, None
+        lps, top_ids, top_lps = None, None, None
         if on_token is not None:  # this step's logprobs to the host too (they are tiny)
             lps = state.record.logprobs[-1].tolist()
-            if state.record.top and len(state.record.top) == len(state.record.tokens):
+            if state.record.top:
                 top_ids, top_lps = (t.tolist() for t in state.record.top[-1])
         stopped: list[int] = []
         for row, is_live in enumerate(host_live):

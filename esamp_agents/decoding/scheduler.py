@@ -30,14 +30,12 @@ one prefill plus one step instead of after everything queued ahead of it.
 from __future__ import annotations
 
 import threading
-import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch.nn import functional as F
 
 from esamp_agents.decoding.batch_cache import Block, merge, mergeable, merged_mask
 from esamp_agents.decoding.params import DEFAULT_MAX_BATCH_ROWS
@@ -293,9 +291,7 @@ class BatchScheduler:
         dense = [p for p in proposals.values() if engine._dense_bonus(p)]
         if len(dense) < 2:
             return
-        weight = engine._head_weight
-        errors = torch.cat([p.error for p in dense if p.error is not None]).to(weight.dtype)
-        projected = F.linear(errors, weight).float()
+        projected = engine._project(torch.cat([p.error for p in dense if p.error is not None]), None)
         row = 0
         for p in dense:
             assert p.error is not None and p.cands is not None
@@ -310,14 +306,4 @@ class BatchScheduler:
             ticket.future.set_exception(exc)
 
 
-def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.005) -> bool:
-    """Poll ``predicate()`` until it is true or ``timeout`` seconds pass (tests and benchmarks)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return bool(predicate())
-
-
-__all__ = ["DEFAULT_MAX_BATCH_ROWS", "BatchScheduler", "SchedulerStats", "wait_for"]
+__all__ = ["DEFAULT_MAX_BATCH_ROWS", "BatchScheduler", "SchedulerStats"]

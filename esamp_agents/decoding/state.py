@@ -101,7 +101,6 @@ class DecodeState:
     # "is anything still live?" costs no device sync; None otherwise.
     host_live: list[bool] | None = None
     constraints: tuple[RowConstraint, ...] = ()
-    on_token: TokenCallback | None = None
     record: StepRecord = field(default_factory=StepRecord)
     step: int = 0
     prefill_seconds: float = 0.0

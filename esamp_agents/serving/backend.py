@@ -36,7 +36,7 @@ from esamp_agents.openai_format import (
     completion_logprobs,
     renderer_for,
     request_usage,
-    wire_logprob,
+    token_logprob_entry,
 )
 from esamp_agents.serving.metrics import Metrics
 from esamp_agents.serving.protocol import ParsedRequest, RequestError, ServeDefaults, parse_request
@@ -324,7 +324,7 @@ class OpenAIBackend:
 
         def on_text(p: int, s: int, delta: str) -> None:
             index = p * n + s
-            post(("text", (index, delta, chunks.take(index, delta) if chunks is not None else None)))
+            post(("text", (index, delta, chunks.take(index) if chunks is not None else None)))
 
         text_events = not request.calls_tools
         result = self._generate(
@@ -402,12 +402,10 @@ class _ChunkLogprobs:
         self.offset: dict[int, int] = {}  # completions: text offset of the next chunk's first token
 
     def add(self, p: int, s: int, token: int, logprob: float, top: list[tuple[int, float]] | None) -> None:
-        entry = self.renderer.entry(token, wire_logprob(logprob))
-        alternatives = (top or [])[: self.request.top_logprobs]
-        entry["top_logprobs"] = [self.renderer.entry(t, wire_logprob(lp)) for t, lp in alternatives]
+        entry = token_logprob_entry(self.renderer, token, logprob, top or [], top=self.request.top_logprobs, wire=True)
         self.pending.setdefault(p * self.request.n + s, []).append(entry)
 
-    def take(self, index: int, delta: str) -> dict[str, Any] | None:
+    def take(self, index: int) -> dict[str, Any] | None:
         entries = self.pending.pop(index, [])
         if not entries:
             return None

@@ -31,10 +31,8 @@ class Metrics:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.requests: dict[tuple[str, int], int] = {}
-        self.rows_in_flight = 0
-        self.queue_depth = 0
-        # (rows in flight, requests waiting) read when rendering; None: the two fields above
-        self.gauges: Callable[[], tuple[int, int]] | None = None
+        # (rows in flight, requests waiting), read when rendering (the backend sets it)
+        self.gauges: Callable[[], tuple[int, int]] = lambda: (0, 0)
         self.generated_tokens = 0
         self._recent: deque[tuple[float, int, float]] = deque()  # (finished at, tokens, decode seconds)
         self._ttft_counts = [0] * (len(TTFT_BUCKETS) + 1)
@@ -72,7 +70,7 @@ class Metrics:
 
     def render(self) -> str:
         rate = self.tokens_per_second()
-        rows, waiting = self.gauges() if self.gauges is not None else (self.rows_in_flight, self.queue_depth)
+        rows, waiting = self.gauges()
         with self._lock:
             lines = [
                 "# HELP esamp_requests_total HTTP requests answered, by endpoint and status.",

@@ -12,7 +12,7 @@ import pytest
 from esamp_agents import ESampParams, Grammar, SamplingParams
 from esamp_agents.decoding.engine import ESampEngine
 from esamp_agents.decoding.results import GenerationResult
-from esamp_agents.decoding.scheduler import wait_for
+from tests.fakes import wait_for
 
 PLAIN = ESampParams(beta=0.0)
 LONG = SamplingParams(n=2, max_new_tokens=24, seed=1, ignore_eos=True)

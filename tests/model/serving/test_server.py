@@ -12,9 +12,9 @@ import time
 import pytest
 
 from esamp_agents.cli.serve import add_serve_command, run_serve
-from esamp_agents.decoding.scheduler import wait_for
 from esamp_agents.serving import Server, serve_forever
 from esamp_agents.serving.protocol import ParsedRequest, RequestError, ServeDefaults, parse_request
+from tests.fakes import wait_for
 from tests.model.serving.wire import USER, assert_openai_error, get, post
 
 pytestmark = pytest.mark.allow_hosts(["127.0.0.1"])

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig, StaticCache
 
-from esamp_agents.decoding.batch_cache import Block, cache_bytes, merge, mergeable, merged_mask
+from esamp_agents.decoding.batch_cache import Block, merge, mergeable, merged_mask
 
 CONFIG = LlamaConfig(num_hidden_layers=2, hidden_size=8, num_attention_heads=2, num_key_value_heads=1, vocab_size=16)
 
@@ -58,8 +58,3 @@ def test_only_plain_static_caches_merge() -> None:
     sliding = LlamaConfig(**{**CONFIG.to_dict(), "layer_types": ["sliding_attention", "full_attention"]})
     sliding.sliding_window = 2
     assert not mergeable(StaticCache(config=sliding, max_cache_len=4))
-
-
-def test_cache_bytes_counts_keys_and_values() -> None:
-    assert cache_bytes(filled(2, 3, 10, 0.0)) == 2 * 2 * (2 * 1 * 10 * 4) * 4  # layers x (k, v) x elements x 4 B
-    assert cache_bytes(None) == 0
