@@ -167,7 +167,7 @@ def check_manifest(stored: dict[str, Any], fresh: dict[str, Any], out_dir: Path)
         )
 
 
-def _read_lines(path: Path) -> tuple[list[bytes], bool]:
+def read_lines(path: Path) -> tuple[list[bytes], bool]:
     """Complete lines of ``records.jsonl`` and whether a torn (unterminated) last line follows."""
     if not path.exists():
         return [], False
@@ -177,7 +177,7 @@ def _read_lines(path: Path) -> tuple[list[bytes], bool]:
     return lines, cut < len(data)
 
 
-def _parse(lines: list[bytes], path: Path) -> tuple[list[tuple[bytes, dict]], set[int]]:
+def parse_records(lines: list[bytes], path: Path) -> tuple[list[tuple[bytes, dict]], set[int]]:
     """Records of complete calls (with their raw lines) and the calls found incomplete."""
     parsed: list[tuple[bytes, dict]] = []
     for number, line in enumerate(lines, 1):
@@ -205,16 +205,16 @@ def read_records(out_dir: str | Path) -> list[dict[str, Any]]:
     unfinished call are left out, not removed; :func:`collect` removes them when it resumes)."""
     path = Path(out_dir) / RECORDS
     read_manifest(out_dir)
-    lines, _torn = _read_lines(path)
-    kept, _ = _parse(lines, path)
+    lines, _torn = read_lines(path)
+    kept, _ = parse_records(lines, path)
     return [r for _, r in kept]
 
 
-def _repair(out_dir: Path) -> list[dict[str, Any]]:
+def repair_records(out_dir: Path) -> list[dict[str, Any]]:
     """Cut a torn last line and drop unfinished calls' records in place; return what stays."""
     path = out_dir / RECORDS
-    lines, torn = _read_lines(path)
-    kept, incomplete = _parse(lines, path)
+    lines, torn = read_lines(path)
+    kept, incomplete = parse_records(lines, path)
     if torn or incomplete:
         atomic_write_bytes(path, b"".join(line + b"\n" for line, _ in kept))
     return [r for _, r in kept]
@@ -343,7 +343,7 @@ def plan_collect(
     else:
         atomic_write_bytes(out / MANIFEST, (json.dumps(fresh, indent=2) + "\n").encode("utf-8"))
 
-    existing = _repair(out)
+    existing = repair_records(out)
     stored_questions = {r["problem_id"]: r["question"] for r in existing}
     for p in problems:
         if p.id in stored_questions and stored_questions[p.id] != p.question:
@@ -527,9 +527,12 @@ __all__ = [
     "generate_call",
     "load_examples",
     "make_manifest",
+    "parse_records",
     "plan_collect",
+    "read_lines",
     "read_manifest",
     "read_records",
+    "repair_records",
     "shard_bytes",
     "write_call",
 ]
