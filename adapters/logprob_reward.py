@@ -51,7 +51,23 @@ from esamp_agents.hidden_reward.logprob_features import (
     features_from_logits,
     features_from_openai,
     logprob_feature_dim,
+    token_rows_from_openai,
 )
+from esamp_agents.hidden_reward.token_head import TokenTableHead
+
+SHIPPED_LOGPROB_HEAD_FILE = "smollm2-135m-instruct-logprob.safetensors"
+"""The logprob head shipped for the embedded model as ``esamp-agents serve`` serves it (plain
+sampling, ``top_logprobs=20``), trained by ``benchmarks/logprob_reward.py``."""
+LOGPROB_KINDS: tuple[str, ...] = ("logprobs", "logprob_tokens")
+
+
+def shipped_logprob_head_path() -> Path:
+    """Where the shipped logprob head is installed (package data of ``esamp_agents.heads``)."""
+    path = Path(__file__).resolve().parent.parent / "heads" / SHIPPED_LOGPROB_HEAD_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"the shipped logprob head is missing from the installation: {path}")
+    return path
+
 
 OnMissing = Literal["raise", "nan"]
 OnEmpty = Literal["nan", "zero"]
@@ -200,9 +216,14 @@ class LogprobReward:
     >>> llm = ChatOpenAI(model="gpt-4o-mini", logprobs=True, top_logprobs=reward.top_logprobs, n=8)  # doctest: +SKIP
     >>> reward.score_response(llm.generate([[("human", "2+2?")]]))  # doctest: +SKIP
 
-    ``head`` is a :class:`GatedLinearHead` or a checkpoint path (its spec must have
-    ``kind="logprobs"``). ``on_missing`` and ``on_empty`` are the fallback policy described
-    in the module docstring. Request ``top_logprobs=reward.top_logprobs`` (the head's ``top_k``).
+    ``head`` is a :class:`GatedLinearHead` (``kind="logprobs"``: statistics only), a
+    :class:`~esamp_agents.hidden_reward.token_head.TokenTableHead` (``kind="logprob_tokens"``:
+    statistics plus token identity), or a checkpoint path of either. ``on_missing`` and
+    ``on_empty`` are the fallback policy described in the module docstring. Request
+    ``top_logprobs=reward.top_logprobs`` (the head's ``top_k``).
+
+    A token head learned the tokens of ONE model (its spec's ``base_model``): a response that
+    names another model raises :class:`IncompatibleHeadError` (``check_model=False`` allows it).
     """
 
     needs_logprobs = True
@@ -215,6 +236,7 @@ class LogprobReward:
         on_empty: OnEmpty = "nan",
         name: str = "logprob_reward",
         model_name: str = "gpt-4o",
+        check_model: bool = True,
     ) -> None:
         if on_missing not in ON_MISSING:
             raise ValueError(f"on_missing={on_missing!r} is invalid; allowed: {', '.join(ON_MISSING)}")
@@ -223,19 +245,40 @@ class LogprobReward:
         if not isinstance(name, str) or not name:
             raise ValueError(f"name={name!r} is empty; allowed: a non-empty string")
         encoding_name_for(model_name)
+        if not isinstance(check_model, bool):
+            raise ValueError(f"check_model={check_model!r} must be True or False")
         if isinstance(head, (str, Path)):
             head = load_head(head)
-        if not isinstance(head, GatedLinearHead):
-            raise ValueError(f"head={head!r} is invalid; allowed: a GatedLinearHead or a checkpoint path")
-        if head.spec.kind != "logprobs":
+        if not isinstance(head, (GatedLinearHead, TokenTableHead)):
+            raise ValueError(f"head={head!r} is invalid; allowed: a GatedLinearHead, a TokenTableHead or a checkpoint")
+        if head.spec.kind not in LOGPROB_KINDS:
             raise IncompatibleHeadError(
-                f"the head reads kind={head.spec.kind!r} features; LogprobReward needs a head with kind='logprobs'"
+                f"the head reads kind={head.spec.kind!r} features; LogprobReward needs a head of kind "
+                f"{' or '.join(map(repr, LOGPROB_KINDS))}"
             )
-        self.head = head.eval()
+        self.head: GatedLinearHead | TokenTableHead = head.eval()
+        self.check_model = check_model
         self.on_missing = on_missing
         self.on_empty = on_empty
         self.name = name
         self.model_name = model_name
+
+    @classmethod
+    def shipped(cls, **kwargs: Any) -> LogprobReward:
+        """The head trained for the embedded model as ``esamp-agents serve`` serves it (model name
+        ``embedded``, plain sampling, ``top_logprobs=20``); see BENCHMARKS.md for what it is worth."""
+        return cls(shipped_logprob_head_path(), **kwargs)
+
+    def check_response_model(self, model: str | None) -> None:
+        """Raise :class:`IncompatibleHeadError` when a token head meets another model's response."""
+        if not self.check_model or model is None or self.head.spec.kind != "logprob_tokens":
+            return
+        if model != self.head.spec.base_model:
+            raise IncompatibleHeadError(
+                f"this logprob head learned the tokens of model {self.head.spec.base_model!r} but the response "
+                f"comes from {model!r}; use a head trained on {model!r} (esamp-agents collect --api-base-url ...; "
+                "train-reward --kind logprob_tokens) or pass check_model=False"
+            )
 
     @property
     def top_logprobs(self) -> int:
@@ -250,7 +293,10 @@ class LogprobReward:
             return torch.zeros((0, self.head.spec.dim))  # a refusal or empty reply without logprobs
         if c.logprobs is not None and field_of(c.logprobs, "content") is None and not c.text:
             return torch.zeros((0, self.head.spec.dim))  # e.g. {"content": null, "refusal": "..."}
-        feats = features_from_openai(c.logprobs, self.top_logprobs)
+        if isinstance(self.head, TokenTableHead):
+            feats = token_rows_from_openai(c.logprobs, self.top_logprobs, self.head.index)
+        else:
+            feats = features_from_openai(c.logprobs, self.top_logprobs)
         counts = _top_counts(c.logprobs)
         if counts and max(counts) == 0:
             raise LogprobsMissingError(
@@ -282,6 +328,7 @@ class LogprobReward:
     ) -> LogprobScoreReport:
         """Scores of every candidate in ``response`` plus token counts (see :class:`LogprobScoreReport`)."""
         candidates = read_candidates(response)
+        self.check_response_model(model_name or self._response_model(response))
         feats: list[torch.Tensor] = []
         missing: list[int] = []
         for i, c in enumerate(candidates):
@@ -337,7 +384,10 @@ class LogprobReward:
         return self.score_response(list(candidates))
 
     def score_local(self, loaded: Any, prompt_ids: Sequence[int], responses: Sequence[Sequence[int]]) -> list[float]:
-        """Scores from a local model's logits for the same tokens (offline training/validation)."""
+        """Scores from a local model's logits for the same tokens (offline training/validation;
+        statistics heads only: a token head reads an API's token bytes)."""
+        if isinstance(self.head, TokenTableHead):
+            raise ValueError("score_local reads statistics only; score a token head on API responses (score_response)")
         return self.score_features([local_features(loaded, prompt_ids, r, self.top_logprobs) for r in responses])
 
     def __repr__(self) -> str:
@@ -345,8 +395,10 @@ class LogprobReward:
 
 
 __all__ = [
+    "LOGPROB_KINDS",
     "ON_EMPTY",
     "ON_MISSING",
+    "SHIPPED_LOGPROB_HEAD_FILE",
     "CandidateLogprobs",
     "LogprobReward",
     "LogprobScoreReport",
@@ -356,4 +408,5 @@ __all__ = [
     "local_features",
     "read_candidate",
     "read_candidates",
+    "shipped_logprob_head_path",
 ]

@@ -2,6 +2,9 @@
 
     esamp-agents collect --task single_digit:240:0:train --out data/train -n 8
     esamp-agents train-reward data/train --layers every4 --out my-head.safetensors
+    esamp-agents collect --task single_digit:160:0:train --out data/api -n 8 \
+        --api-base-url https://api.openai.com/v1 --api-model gpt-4o-mini      # a closed API
+    esamp-agents train-reward data/api --out my-logprob-head.safetensors     # a logprob head
     esamp-agents score --head shipped --prompt "What is 2 + 3?" "Answer: 5" "Answer: 6"
 
 Values are validated before the model loads; errors print one line and exit with status 2.
@@ -18,6 +21,8 @@ from esamp_agents.decoding.params import ESampParams, SamplingParams
 from esamp_agents.hidden_reward.collect_ray import add_ray_args, ray_options_from_args
 
 LOSSES = ("bce", "bradley_terry", "hinge")
+HEAD_KINDS = ("hidden", "logprob_tokens", "logprobs")  # as esamp_agents.adapters.logprob_training (not imported: slow)
+TABLES = ("free", "embedding")
 
 
 def parse_layers(text: str, num_layers: int) -> list[int] | str:
@@ -56,6 +61,13 @@ def add_reward_commands(sub: Any, add_model_args: Any) -> None:
                    help="store features of these layers while decoding: none (tokens only; features are "
                    "recomputed at training time), all, every4, final, or indices")  # fmt: skip
     c.add_argument("--prompts-per-call", type=int, default=4)
+    api = c.add_argument_group("sampling from an OpenAI-compatible API instead of a local model")
+    api.add_argument("--api-base-url", default=None, help="e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1")
+    api.add_argument("--api-model", default=None, help="the API's model name (required with --api-base-url)")
+    api.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
+    api.add_argument("--top-logprobs", type=int, default=20, help="alternatives per token to request (1..20)")
+    api.add_argument("--extra-body", default=None, help="JSON object sent with every request, e.g. '{\"top_k\": 50}'")
+    api.add_argument("--concurrency", type=int, default=4, help="requests in flight at once (default 4)")
     add_model_args(c)
     add_ray_args(c)
 
@@ -68,6 +80,15 @@ def add_reward_commands(sub: Any, add_model_args: Any) -> None:
     t.add_argument("data", type=Path, help="folder written by 'esamp-agents collect'")
     t.add_argument("--out", type=Path, required=True, help="checkpoint to write (.safetensors)")
     t.add_argument("--layers", default="every4", help="all, every4 (default), final, or comma-separated indices")
+    t.add_argument("--kind", default=None, choices=HEAD_KINDS,
+                   help="head form: hidden (local folders' default), logprob_tokens (API folders' default: "
+                   "logprob statistics plus token identity) or logprobs (statistics only)")  # fmt: skip
+    t.add_argument(
+        "--index", default="vocab", help="token identity of a logprob_tokens head: vocab (default) or hash:B"
+    )
+    t.add_argument("--tables", default="free", choices=TABLES,
+                   help="logprob_tokens tables: free (default) or embedding (tied to --model's token embedding "
+                   "while training)")  # fmt: skip
     t.add_argument("--loss", default="bce", choices=LOSSES)
     t.add_argument("--epochs", type=int, default=40)
     t.add_argument("--lr", type=float, default=1e-3)
@@ -105,6 +126,8 @@ def run_collect(args: argparse.Namespace, out: TextIO) -> int:
     for name in ("n", "prompts_per_call"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} is out of range; allowed: >= 1")
+    if args.api_base_url is not None:
+        return _collect_from_api(args, out)
     sampling = SamplingParams(n=args.n, max_new_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
     esamp = ESampParams(beta=args.beta)
     try:
@@ -130,6 +153,64 @@ def run_collect(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+def _collect_from_api(args: argparse.Namespace, out: TextIO) -> int:
+    import os
+
+    from esamp_agents.adapters.api_collect import collect_from_api
+    from esamp_agents.evaluation.tasks import load_problems
+
+    if not args.api_model:
+        raise ValueError("--api-base-url needs --api-model (the model name the API serves)")
+    if args.layers != "none" or args.beta != 0.0 or ray_options_from_args(args) is not None:
+        raise ValueError("--layers, --beta and Ray flags are for local models; an API collection stores logprobs only")
+    extra = None
+    if args.extra_body is not None:
+        try:
+            extra = json.loads(args.extra_body)
+        except ValueError as exc:
+            raise ValueError(f"--extra-body={args.extra_body!r} is not JSON: {exc}") from exc
+        if not isinstance(extra, dict):
+            raise ValueError(f"--extra-body={args.extra_body!r} must be a JSON object")
+    try:
+        problems = load_problems(args.task)
+    except FileNotFoundError as exc:
+        raise ValueError(f"--task={args.task!r}: {exc}") from exc
+    import openai
+
+    client = openai.OpenAI(base_url=args.api_base_url, api_key=os.environ.get(args.api_key_env) or "unused")
+    summary = collect_from_api(
+        client, args.api_model, problems, args.out, n=args.n, temperature=args.temperature, max_tokens=args.max_tokens,
+        top_logprobs=args.top_logprobs, seed=args.seed, extra_body=extra, concurrency=args.concurrency,
+    )  # fmt: skip
+    print(summary, file=out)
+    if summary.failed:
+        print(
+            f"{len(summary.failed)} problems failed after retries; run the same command again to retry them", file=out
+        )
+        return 1
+    return 0
+
+
+def _train_logprob_head(args: argparse.Namespace, out: TextIO) -> int:
+    from esamp_agents.adapters.logprob_training import parse_index, train_logprob_head
+    from esamp_agents.hidden_reward.head import save_head
+
+    kind = args.kind or "logprob_tokens"
+    if kind == "hidden":
+        raise ValueError(f"{args.data} holds API logprobs, not hidden states: use --kind logprob_tokens or logprobs")
+    parse_index(args.index)  # a bad value fails before any work
+    loaded = _load(args) if kind == "logprob_tokens" and args.tables == "embedding" else None
+    result = train_logprob_head(
+        args.data, kind=kind, index=args.index, tables=args.tables, loaded=loaded, loss=args.loss,
+        gate=not args.no_gate, standardize=not args.no_standardize, epochs=args.epochs, lr=args.lr,
+        val_fraction=args.val_fraction, seed=args.seed, progress=True,
+    )  # fmt: skip
+    path = save_head(result.head, args.out)
+    print(json.dumps(result.summary, indent=2, default=str), file=out)
+    print(f"wrote {path} ({result.head.num_parameters} parameters)", file=out)
+    return 0
+
+
 def run_train_reward(args: argparse.Namespace, out: TextIO) -> int:
     from esamp_agents.hidden_reward.collect import load_examples
     from esamp_agents.hidden_reward.features import hidden_spec
@@ -140,6 +221,12 @@ def run_train_reward(args: argparse.Namespace, out: TextIO) -> int:
         raise ValueError(f"{args.data} is not a folder written by 'esamp-agents collect' (no manifest.json)")
     if args.out.suffix != ".safetensors":
         raise ValueError(f"--out={str(args.out)!r} must end in .safetensors")
+    if _is_api_folder(args.data):
+        return _train_logprob_head(args, out)
+    if args.kind not in (None, "hidden"):
+        raise ValueError(
+            f"--kind={args.kind} needs a folder collected from an API (esamp-agents collect --api-base-url)"
+        )
     loaded = _load(args)
     spec = hidden_spec(loaded, parse_layers(args.layers, loaded.num_layers))
     examples = load_examples(args.data, loaded=loaded, spec=spec)
@@ -151,6 +238,16 @@ def run_train_reward(args: argparse.Namespace, out: TextIO) -> int:
     print(json.dumps(result.summary, indent=2, default=str), file=out)
     print(f"wrote {path} ({result.head.num_parameters} parameters)", file=out)
     return 0
+
+
+def _is_api_folder(path: Path) -> bool:
+    try:
+        manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    from esamp_agents.adapters.api_collect import FORMAT_NAME
+
+    return isinstance(manifest, dict) and manifest.get("format") == FORMAT_NAME
 
 
 def _read_pairs(path: Path) -> list[tuple[str, str]]:

@@ -10,26 +10,30 @@ model or layer choice by accident. Loading never unpickles anything.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor
 
-from esamp_agents.hidden_reward.logprob_features import EXTRA_FEATURES, MAX_TOP_K
+from esamp_agents.hidden_reward.logprob_features import EXTRA_FEATURES, MAX_TOP_K, token_row_dim
+from esamp_agents.hidden_reward.token_index import INDEX_KINDS, MAX_BUCKETS
 from esamp_agents.validation import check_int as _check_int
 
-FeatureKind = Literal["hidden", "logprobs"]
-FEATURE_KINDS: tuple[str, ...] = ("hidden", "logprobs")
+if TYPE_CHECKING:
+    from esamp_agents.hidden_reward.token_head import TokenTableHead
+
+FeatureKind = Literal["hidden", "logprobs", "logprob_tokens"]
+FEATURE_KINDS: tuple[str, ...] = ("hidden", "logprobs", "logprob_tokens")
 FORMAT_NAME = "esamp-agents/reward-head"
 FORMAT_VERSION = 1
 GATE_EPS = 1e-8
 """Floor of the gate sum: R = sum g r / max(sum g, GATE_EPS) (the reference's value)."""
 MIN_STD = 1e-6
-TENSOR_NAMES = ("linear.weight", "linear.bias", "feature_mean", "feature_std")
 
 
 class RewardHeadError(ValueError):
@@ -48,6 +52,11 @@ class FeatureSpec:
     (0 = embeddings, ``num_layers`` = after the final norm), so ``dim = len(layers) * hidden_size``.
     ``kind="logprobs"``: the top-k logprob features of :mod:`esamp_agents.hidden_reward.logprob_features`,
     ``dim = top_k + 8``; ``layers`` must be empty.
+    ``kind="logprob_tokens"``: packed rows that also keep token identity
+    (:func:`~esamp_agents.hidden_reward.logprob_features.token_row_dim`), read by a
+    :class:`~esamp_agents.hidden_reward.token_head.TokenTableHead` whose tables have
+    ``index_size`` rows of a ``token_index`` (``vocab`` or ``hash``). For the logprob kinds
+    ``base_model`` names the model whose logprobs the head was trained on (an API's model name).
     """
 
     kind: FeatureKind
@@ -57,6 +66,8 @@ class FeatureSpec:
     num_layers: int
     layers: tuple[int, ...] = ()
     top_k: int = 0
+    token_index: str = ""
+    index_size: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in FEATURE_KINDS:
@@ -70,6 +81,11 @@ class FeatureSpec:
             raise ValueError(f"layers={self.layers!r} must be a sequence of integers")
         layers = tuple(self.layers)
         object.__setattr__(self, "layers", layers)
+        if self.kind != "logprob_tokens" and (self.token_index or self.index_size):
+            raise ValueError(
+                f"token_index={self.token_index!r} and index_size={self.index_size!r} "
+                "are only for kind='logprob_tokens'"
+            )
         if self.kind == "hidden":
             if not layers:
                 raise ValueError("layers=() is empty; kind='hidden' needs at least one hidden_states index")
@@ -86,11 +102,20 @@ class FeatureSpec:
                 )
         else:
             if layers:
-                raise ValueError(f"layers={layers!r} must be empty for kind='logprobs'")
+                raise ValueError(f"layers={layers!r} must be empty for kind={self.kind!r}")
             _check_int("top_k", self.top_k, 1, MAX_TOP_K)
-            want = self.top_k + EXTRA_FEATURES
+            want = self.top_k + EXTRA_FEATURES if self.kind == "logprobs" else token_row_dim(self.top_k)
             if self.dim != want:
-                raise ValueError(f"dim={self.dim} does not match top_k {self.top_k} + {EXTRA_FEATURES} = {want}")
+                how = (
+                    f"top_k {self.top_k} + {EXTRA_FEATURES}"
+                    if self.kind == "logprobs"
+                    else (f"the packed token row of top_k {self.top_k} ({EXTRA_FEATURES + 1} + 3 x top_k)")
+                )
+                raise ValueError(f"dim={self.dim} does not match {how} = {want}")
+            if self.kind == "logprob_tokens":
+                if self.token_index not in INDEX_KINDS:
+                    raise ValueError(f"token_index={self.token_index!r} is unknown; allowed: {', '.join(INDEX_KINDS)}")
+                _check_int("index_size", self.index_size, 1 if self.token_index == "vocab" else 2, MAX_BUCKETS)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -201,21 +226,34 @@ class GatedLinearHead(torch.nn.Module):
         out = self.linear(converted)
         return out[..., 0], out[..., 1]
 
+    def init_weights(self, generator: torch.Generator) -> None:
+        """nn.Linear's default bounds, drawn from ``generator`` (so a seed fixes the start)."""
+        with torch.no_grad():
+            bound = 1.0 / math.sqrt(self.linear.in_features)
+            self.linear.weight.uniform_(-bound, bound, generator=generator)
+            self.linear.bias.uniform_(-bound, bound, generator=generator)
+
     def forward(self, features: Tensor, mask: Tensor) -> Tensor:
         """``features`` [B, T, dim], ``mask`` [B, T] (bool or 0/1) -> R [B]; a row with no tokens -> 0."""
-        if features.dim() != 3 or tuple(mask.shape) != tuple(features.shape[:2]):
-            raise ValueError(
-                f"features {tuple(features.shape)} and mask {tuple(mask.shape)} must be [B, T, dim] and [B, T]"
-            )
-        gate_logit, reward = self.token_outputs(features)
-        live = mask.to(device=reward.device) != 0
-        zero = torch.zeros((), dtype=reward.dtype, device=reward.device)
-        # where(), not multiplication: padding may hold anything, NaN included
-        reward = torch.where(live, reward, zero)
-        if not self.gate:
-            return reward.sum(-1) / live.sum(-1).clamp(min=1).to(reward.dtype)
-        g = torch.where(live, torch.sigmoid(gate_logit), zero)
-        return (g * reward).sum(-1) / g.sum(-1).clamp(min=GATE_EPS)
+        return gated_mean(self, features, mask)
+
+
+def gated_mean(head: Any, features: Tensor, mask: Tensor) -> Tensor:
+    """R = sum g r / max(sum g, eps) over the live tokens (plain mean without a gate), for any head
+    with ``token_outputs`` and ``gate``."""
+    if features.dim() != 3 or tuple(mask.shape) != tuple(features.shape[:2]):
+        raise ValueError(
+            f"features {tuple(features.shape)} and mask {tuple(mask.shape)} must be [B, T, dim] and [B, T]"
+        )
+    gate_logit, reward = head.token_outputs(features)
+    live = mask.to(device=reward.device) != 0
+    zero = torch.zeros((), dtype=reward.dtype, device=reward.device)
+    # where(), not multiplication: padding may hold anything, NaN included
+    reward = torch.where(live, reward, zero)
+    if not head.gate:
+        return reward.sum(-1) / live.sum(-1).clamp(min=1).to(reward.dtype)
+    g = torch.where(live, torch.sigmoid(gate_logit), zero)
+    return (g * reward).sum(-1) / g.sum(-1).clamp(min=GATE_EPS)
 
 
 class GatedSums:
@@ -278,17 +316,32 @@ def _package_version() -> str:
         return "unknown"
 
 
+def _wanted_shapes(spec: FeatureSpec) -> tuple[dict[str, tuple[int, ...]], tuple[str, ...]]:
+    """(float tensors a head of ``spec`` holds, with shapes; other tensors it holds: a vocab index)."""
+    if spec.kind != "logprob_tokens":
+        d = spec.dim
+        return {"linear.weight": (2, d), "linear.bias": (2,), "feature_mean": (d,), "feature_std": (d,)}, ()
+    s, rows = spec.top_k + EXTRA_FEATURES, spec.index_size
+    want = {
+        "linear.weight": (2, s), "linear.bias": (2,), "feature_mean": (s,), "feature_std": (s,),
+        "chosen_table": (rows, 2), "alt_table": (rows, 2),
+    }  # fmt: skip
+    return want, ("token_bytes", "token_offsets") if spec.token_index == "vocab" else ()
+
+
 def _check_tensors(spec: FeatureSpec, tensors: dict[str, Tensor], where: str) -> None:
+    want, others = _wanted_shapes(spec)
     names = set(tensors)
-    if names != set(TENSOR_NAMES):
-        raise RewardHeadError(f"{where} holds tensors {sorted(names)}; a reward head has exactly {list(TENSOR_NAMES)}")
-    d = spec.dim
-    want = {"linear.weight": (2, d), "linear.bias": (2,), "feature_mean": (d,), "feature_std": (d,)}
+    if names != set(want) | set(others):
+        allowed = [*want, *others]
+        raise RewardHeadError(
+            f"{where} holds tensors {sorted(names)}; a reward head of kind {spec.kind!r} has exactly {allowed}"
+        )
     for name, shape in want.items():
         t = tensors[name]
         if tuple(t.shape) != shape:
             raise RewardHeadError(
-                f"{where}: tensor {name} has shape {tuple(t.shape)} but the feature spec (dim={d}) needs {shape}"
+                f"{where}: tensor {name} has shape {tuple(t.shape)} but the feature spec (dim={spec.dim}) needs {shape}"
             )
         if not t.is_floating_point():
             raise RewardHeadError(f"{where}: tensor {name} has dtype {t.dtype}; expected a float dtype")
@@ -298,7 +351,16 @@ def _check_tensors(spec: FeatureSpec, tensors: dict[str, Tensor], where: str) ->
         raise RewardHeadError(f"{where}: feature_std must be positive everywhere")
 
 
-def save_head(head: GatedLinearHead, path: str | Path) -> Path:
+def _head_tensors(head: Any) -> dict[str, Tensor]:
+    """What a checkpoint stores: the state dict in float32, plus a token head's index."""
+    tensors = {k: v.detach().to(device="cpu", dtype=torch.float32).contiguous() for k, v in head.state_dict().items()}
+    index = getattr(head, "index", None)
+    if index is not None:
+        tensors.update(index.to_tensors())
+    return tensors
+
+
+def save_head(head: GatedLinearHead | TokenTableHead, path: str | Path) -> Path:
     """Write ``head`` to a safetensors file with its spec and training summary; returns the path.
 
     Writes a temporary file in the same folder, then renames it over ``path``, so a crash or
@@ -306,11 +368,15 @@ def save_head(head: GatedLinearHead, path: str | Path) -> Path:
     """
     from safetensors.torch import save_file
 
-    if not isinstance(head, GatedLinearHead):
-        raise ValueError(f"head must be a GatedLinearHead, got {type(head).__name__}")
+    from esamp_agents.hidden_reward.token_head import TokenTableHead
+
+    if not isinstance(head, (GatedLinearHead, TokenTableHead)):
+        raise ValueError(f"head must be a GatedLinearHead or TokenTableHead, got {type(head).__name__}")
+    if isinstance(head, TokenTableHead) and head.embedding is not None:
+        raise ValueError("the head's tables are still tied to an embedding: call head.materialise() before saving")
     path = Path(path)
     spec = FeatureSpec.from_dict(head.spec.to_dict())  # re-validates a spec altered after construction
-    tensors = {k: v.detach().to(device="cpu", dtype=torch.float32).contiguous() for k, v in head.state_dict().items()}
+    tensors = _head_tensors(head)
     _check_tensors(spec, tensors, "head to save")
     try:
         summary = json.dumps(head.training_summary)
@@ -346,7 +412,7 @@ def load_head(
     base_model: str | None = None,
     hidden_size: int | None = None,
     num_layers: int | None = None,
-) -> GatedLinearHead:
+) -> GatedLinearHead | TokenTableHead:
     """Read a head written by :func:`save_head` (safetensors only; nothing is unpickled).
 
     ``base_model``/``hidden_size``/``num_layers`` (any subset) and ``expect`` (a whole spec)
@@ -392,8 +458,20 @@ def load_head(
         message = _spec_difference(spec, expect)
         if message is not None:
             raise IncompatibleHeadError(message)
-    head = GatedLinearHead(spec, gate=gate)
-    head.load_state_dict({k: t.to(torch.float32) for k, t in tensors.items()})
+    if spec.kind == "logprob_tokens":
+        from esamp_agents.hidden_reward.token_head import TokenTableHead
+        from esamp_agents.hidden_reward.token_index import TokenIndex
+
+        try:
+            index = TokenIndex.from_tensors(spec.token_index, spec.index_size, tensors)
+        except ValueError as exc:
+            raise RewardHeadError(f"{path}: its token index is damaged: {exc}") from exc
+        head: GatedLinearHead | TokenTableHead = TokenTableHead(spec, index, gate=gate)
+        state = {k: t.to(torch.float32) for k, t in tensors.items() if k not in ("token_bytes", "token_offsets")}
+    else:
+        head = GatedLinearHead(spec, gate=gate)
+        state = {k: t.to(torch.float32) for k, t in tensors.items()}
+    head.load_state_dict(state)
     head.training_summary = summary
     return head
 
@@ -408,6 +486,7 @@ __all__ = [
     "IncompatibleHeadError",
     "RewardHeadError",
     "check_compatible",
+    "gated_mean",
     "load_head",
     "save_head",
 ]

@@ -106,15 +106,8 @@ def _as_float(value: Any) -> float:
     return out
 
 
-def features_from_openai(logprobs: Any, top_k: int) -> torch.Tensor:
-    """OpenAI chat ``choice.logprobs`` (``{"content": [{token, logprob, bytes, top_logprobs}]}``,
-    as a dict or the ``openai`` object) -> features [T, top_k + 8].
-
-    Tolerates what real APIs send: fewer alternatives than ``top_k``, ``-9999.0``
-    placeholders, null ``bytes``, null ``top_logprobs``. An empty reply gives ``[0, dim]``
-    (the head scores it 0). ``None`` (logprobs not requested, or refused by the model)
-    raises :class:`LogprobsMissingError`.
-    """
+def _content(logprobs: Any, top_k: int) -> list[Any] | None:
+    """The ``content`` list of OpenAI chat logprobs; None for a refusal; raises when logprobs are missing."""
     _check_top_k(top_k)
     if logprobs is None:
         raise LogprobsMissingError(
@@ -123,10 +116,13 @@ def features_from_openai(logprobs: Any, top_k: int) -> torch.Tensor:
         )
     content = _field(logprobs, "content")
     if content is None:
-        refusal = _field(logprobs, "refusal")
-        if refusal:
-            return torch.zeros((0, logprob_feature_dim(top_k)))
+        if _field(logprobs, "refusal"):
+            return None
         raise LogprobsMissingError("logprobs has no 'content' list: expected OpenAI chat-completions logprobs")
+    return list(content)
+
+
+def _values(content: Sequence[Any], top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     chosen = torch.full((len(content),), math.nan)
     top = torch.full((len(content), top_k), math.nan)
     for i, item in enumerate(content):
@@ -136,7 +132,77 @@ def features_from_openai(logprobs: Any, top_k: int) -> torch.Tensor:
         values = sorted((v for v in given if math.isfinite(v)), reverse=True)[:top_k]
         if values:
             top[i, : len(values)] = torch.tensor(values)
-    return token_features(chosen, top, top_k)
+    return chosen, top
+
+
+def features_from_openai(logprobs: Any, top_k: int) -> torch.Tensor:
+    """OpenAI chat ``choice.logprobs`` (``{"content": [{token, logprob, bytes, top_logprobs}]}``,
+    as a dict or the ``openai`` object) -> features [T, top_k + 8].
+
+    Tolerates what real APIs send: fewer alternatives than ``top_k``, ``-9999.0``
+    placeholders, null ``bytes``, null ``top_logprobs``. An empty reply gives ``[0, dim]``
+    (the head scores it 0). ``None`` (logprobs not requested, or refused by the model)
+    raises :class:`LogprobsMissingError`.
+    """
+    content = _content(logprobs, top_k)
+    if content is None:
+        return torch.zeros((0, logprob_feature_dim(top_k)))
+    return token_features(*_values(content, top_k), top_k)
+
+
+# --------------------------------------------------------------------------- token identity
+
+
+def token_row_dim(top_k: int) -> int:
+    """Width of a packed token row: ``[statistics (top_k + 8) | chosen row | top_k alt rows | top_k alt weights]``."""
+    return logprob_feature_dim(top_k) + 1 + 2 * top_k
+
+
+def token_bytes(item: Any) -> bytes:
+    """A logprob entry's exact bytes (``bytes`` when the API sent them, else the token's UTF-8)."""
+    raw = _field(item, "bytes")
+    if raw is not None:
+        try:
+            return bytes(int(b) for b in raw)
+        except (TypeError, ValueError):
+            pass
+    return str(_field(item, "token") or "").encode("utf-8")
+
+
+def pack_token_rows(
+    stats: torch.Tensor, chosen_rows: torch.Tensor, alt_rows: torch.Tensor, alt_logprobs: torch.Tensor
+) -> torch.Tensor:
+    """Statistics [T, k + 8], chosen rows [T], alternative rows [T, k] and their logprobs [T, k]
+    (NaN = missing) -> packed rows [T, token_row_dim(k)]; alternatives weigh their top-k-renormalised
+    probability (missing ones 0)."""
+    given = torch.isfinite(alt_logprobs) & (alt_logprobs > LOGPROB_FLOOR)
+    probs = torch.where(given, alt_logprobs.clamp(max=0.0), torch.full_like(alt_logprobs, -math.inf)).exp()
+    weights = probs / probs.sum(1, keepdim=True).clamp(min=1e-12)
+    rows = torch.where(given, alt_rows, torch.zeros_like(alt_rows))
+    return torch.cat([stats, chosen_rows.float().unsqueeze(1), rows.float(), weights.float()], dim=1)
+
+
+def token_rows_from_openai(logprobs: Any, top_k: int, index: Any) -> torch.Tensor:
+    """OpenAI chat logprobs -> packed token rows [T, token_row_dim(top_k)], tokens mapped by their
+    bytes with ``index`` (a :class:`~esamp_agents.hidden_reward.token_index.TokenIndex`)."""
+    content = _content(logprobs, top_k)
+    if content is None or not content:
+        return torch.zeros((0, token_row_dim(top_k)))
+    stats = token_features(*_values(content, top_k), top_k)
+    t = len(content)
+    chosen_rows = torch.zeros(t, dtype=torch.long)
+    alt_rows = torch.zeros((t, top_k), dtype=torch.long)
+    alt_logprobs = torch.full((t, top_k), math.nan)
+    for i, item in enumerate(content):
+        chosen_rows[i] = index.row(token_bytes(item))
+        alternatives = [
+            a for a in (_field(item, "top_logprobs") or []) if math.isfinite(_as_float(_field(a, "logprob")))
+        ]
+        alternatives.sort(key=lambda a: -_as_float(_field(a, "logprob")))  # the same top-k as the statistics
+        for j, alt in enumerate(alternatives[:top_k]):
+            alt_rows[i, j] = index.row(token_bytes(alt))
+            alt_logprobs[i, j] = _as_float(_field(alt, "logprob"))
+    return pack_token_rows(stats, chosen_rows, alt_rows, alt_logprobs)
 
 
 __all__ = [
@@ -147,5 +213,9 @@ __all__ = [
     "features_from_logits",
     "features_from_openai",
     "logprob_feature_dim",
+    "pack_token_rows",
+    "token_bytes",
     "token_features",
+    "token_row_dim",
+    "token_rows_from_openai",
 ]

@@ -46,7 +46,8 @@ class Example:
 class FitResult:
     """The fitted head (best-validation weights), a JSON-able summary, and per-epoch history."""
 
-    head: GatedLinearHead
+    head: Any
+    """A :class:`GatedLinearHead`, or the head passed to :func:`fit`."""
     summary: dict[str, Any]
     history: list[dict[str, Any]]
     train_groups: list[str] = field(default_factory=list)
@@ -240,8 +241,13 @@ def fit(
     seed: int = 0,
     progress: bool = False,
     device: str = "cpu",
+    head: torch.nn.Module | None = None,
 ) -> FitResult:
     """Train a :class:`GatedLinearHead` on labelled candidates with AdamW; see the module docstring.
+
+    ``head``: an untrained head of another form to fit instead (e.g. a
+    :class:`~esamp_agents.hidden_reward.token_head.TokenTableHead`); its ``spec`` must be ``spec``
+    and its ``gate`` ``gate``; its weights are re-initialised from the seed.
 
     Batches are whole groups (``groups_per_step`` problems per step), shuffled each epoch by a
     seeded generator: the same seed and data give the same weights. ``bce`` treats R as a logit;
@@ -274,11 +280,14 @@ def fit(
     val_idx = [i for g in val_groups for i in by_group[g]]
 
     gen = torch.Generator().manual_seed(seed)
-    head = GatedLinearHead(spec, gate=gate)
-    with torch.no_grad():  # nn.Linear's default bounds, drawn from our generator
-        bound = 1.0 / math.sqrt(spec.dim)
-        head.linear.weight.uniform_(-bound, bound, generator=gen)
-        head.linear.bias.uniform_(-bound, bound, generator=gen)
+    if head is None:
+        head = GatedLinearHead(spec, gate=gate)
+    elif getattr(head, "spec", None) != spec or getattr(head, "gate", None) != gate:
+        raise ValueError(
+            f"head reads {getattr(head, 'spec', None)!r} (gate={getattr(head, 'gate', None)!r}); "
+            f"fit was asked for {spec!r} (gate={gate!r})"
+        )
+    head.init_weights(gen)
     if standardize:
         head.set_standardisation(*_feature_stats(examples, train_idx, spec.dim))
     head.to(device)

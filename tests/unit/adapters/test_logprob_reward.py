@@ -218,7 +218,10 @@ def test_report_counts_tokens_offline():
 def test_head_checks_and_checkpoints(tmp_path):
     hidden = GatedLinearHead(FeatureSpec(kind="hidden", dim=576, base_model="m", hidden_size=576, num_layers=30,
                                          layers=(30,)))  # fmt: skip
-    with pytest.raises(IncompatibleHeadError, match="kind='logprobs'"):
+    with pytest.raises(
+        IncompatibleHeadError,
+        match="kind='hidden' features; LogprobReward needs a head of kind 'logprobs' or 'logprob_tokens'",
+    ):
         LogprobReward(hidden)
     with pytest.raises(ValueError, match="on_missing='skip' is invalid; allowed: raise, nan"):
         LogprobReward(make_logprob_head(), on_missing="skip")  # type: ignore[arg-type]

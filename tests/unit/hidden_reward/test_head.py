@@ -298,7 +298,7 @@ def test_load_errors(tmp_path):
     with pytest.raises(RewardHeadError, match=r"linear.weight has shape \(2, 5\) but the feature spec \(dim=6\)"):
         load_head(write_raw(tmp_path / "shape.safetensors", wrong_shape, meta))
     missing = {k: v for k, v in tensors.items() if k != "feature_std"}
-    with pytest.raises(RewardHeadError, match="a reward head has exactly"):
+    with pytest.raises(RewardHeadError, match=r"reward head of kind .hidden. has exactly"):
         load_head(write_raw(tmp_path / "missing_t.safetensors", missing, meta))
     nan = tensors | {"linear.bias": torch.tensor([0.0, float("nan")])}
     with pytest.raises(RewardHeadError, match="NaN"):

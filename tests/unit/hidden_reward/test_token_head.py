@@ -578,7 +578,6 @@ def test_fit_a_tied_head_then_materialise_and_save(tmp_path: Path):
 # --------------------------------------------------------------------------- documented defects
 
 
-@pytest.mark.xfail(strict=True, reason="from_tensors reports a count mismatch when the counts agree")
 def test_bad_offset_bounds_message_names_the_problem():
     tensors = {**_good(), "token_offsets": torch.tensor([1, 2, 3])}
     with pytest.raises(ValueError) as info:
@@ -587,7 +586,6 @@ def test_bad_offset_bounds_message_names_the_problem():
     assert "has 3 entries; a vocab index of 3 rows needs 3" not in str(info.value)
 
 
-@pytest.mark.xfail(strict=True, reason="alternative rows follow the API's order, the statistics the sorted top-k")
 def test_alt_rows_are_the_top_k_alternatives_when_unsorted():
     # more alternatives than top_k, not sorted: the statistics use the best K, the rows the first K
     lp = {"content": [entry("a", -0.1, [("z", -5.0), ("a", -0.1), ("b", -0.2), ("c", -0.3)])]}
