@@ -18,11 +18,9 @@ host launches the next step.
 from __future__ import annotations
 
 import inspect
-import queue
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -30,16 +28,25 @@ from torch.nn import functional as F
 from transformers import StaticCache
 
 from esamp_agents.constrained.grammar import Grammar
-from esamp_agents.constrained.matcher import GrammarConstraint
+from esamp_agents.constrained.rows import row_constraints
 from esamp_agents.decoding.distiller import BatchedDistiller
 from esamp_agents.decoding.loading import LoadedModel, load_model
 from esamp_agents.decoding.observers import DecodeObserver
 from esamp_agents.decoding.params import DEFAULT_MAX_BATCH_ROWS, ESampParams, SamplingParams
-from esamp_agents.decoding.results import Candidate, GenerationResult, GenerationStats
+from esamp_agents.decoding.results import GenerationResult, GenerationStats
 from esamp_agents.decoding.sampling import Candidates, filter_candidates, sample_positions
 from esamp_agents.decoding.scheduler import BatchScheduler
-from esamp_agents.decoding.state import DecodeJob, DecodeState, Request, RowConstraint, TextCallback, TokenCallback
-from esamp_agents.decoding.text_tracking import TextTracker
+from esamp_agents.decoding.state import (
+    DecodeJob,
+    DecodeState,
+    Proposal,
+    Request,
+    RowConstraint,
+    TextCallback,
+    TokenCallback,
+)
+from esamp_agents.decoding.streaming import StreamEvent, stream_events
+from esamp_agents.decoding.text_tracking import TextTracker, host_text_step
 from esamp_agents.validation import check_int
 
 # When the candidates of all rows together number more than this share of the vocabulary,
@@ -74,28 +81,6 @@ def _cache_argument(model: Any) -> str:
     except (TypeError, ValueError):  # pragma: no cover - an uninspectable forward
         return "past_key_values"
     return "cache" if "cache" in parameters else "past_key_values"
-
-
-@dataclass
-class Proposal:
-    """One step of one job up to ESamp's bonus: the model's logits, the filter survivors and the
-    Distiller's error (split from the draw so the scheduler can project many jobs' errors at once)."""
-
-    model_logits: torch.Tensor  # [rows, vocab], what logprobs are read from
-    raw_logits: torch.Tensor  # before any soft cap
-    cands: Candidates | None = None
-    greedy: torch.Tensor | None = None  # [rows] tokens of a greedy step
-    error: torch.Tensor | None = None  # [rows, d] h_L - f(h_1) (ESamp from step 1 on)
-    loss: torch.Tensor | None = None  # [groups] this step's Distiller loss
-    bonus: torch.Tensor | None = None  # [rows, k] W . error on the candidates, when projected for a batch
-
-
-@dataclass
-class StreamEvent:
-    """A piece of streamed text; the last event also carries the finished candidate."""
-
-    text: str
-    candidate: Candidate | None = None
 
 
 class ESampEngine:
@@ -313,32 +298,7 @@ class ESampEngine:
     def _constraints(
         self, grammar: Grammar | Sequence[Grammar | None] | None, prompts: int, sampling: SamplingParams
     ) -> tuple[RowConstraint, ...]:
-        """One :class:`GrammarConstraint` over the rows that have a grammar (none: no constraint stage)."""
-        if grammar is None:
-            return ()
-        rows = prompts * sampling.n
-        if isinstance(grammar, Grammar):
-            per_row: list[Grammar | None] = [grammar] * rows
-        elif isinstance(grammar, Sequence) and not isinstance(grammar, (str, bytes)):
-            items = list(grammar)
-            bad = [type(g).__name__ for g in items if g is not None and not isinstance(g, Grammar)]
-            if bad:
-                raise TypeError(f"grammar entries must be Grammar or None, got {bad[0]}")
-            if len(items) == prompts:
-                per_row = [g for g in items for _ in range(sampling.n)]
-            elif len(items) == rows:
-                per_row = items
-            else:
-                raise ValueError(
-                    f"grammar has {len(items)} entries; allowed: one Grammar, or {prompts} (one per prompt) "
-                    f"or {rows} (one per row: prompts x n)"
-                )
-        else:
-            raise TypeError(f"grammar must be a Grammar or a list of them, got {type(grammar).__name__}")
-        if all(g is None for g in per_row):
-            return ()
-        loaded = self.loaded  # the grammar's end tokens are the model's, also under ignore_eos
-        return (GrammarConstraint(per_row, loaded.tokenizer, loaded.vocab_size, loaded.eos_token_ids),)
+        return row_constraints(grammar, prompts, sampling.n, self.loaded)
 
     def _decode(
         self,
@@ -585,7 +545,7 @@ class ESampEngine:
                 finished |= state.live & done
         if state.host_live is not None:
             host_done = finished.tolist() if state.constraints else None
-            stopped = self._track_text(state, tokens, host_done, on_text, n, on_token)
+            stopped = host_text_step(state, tokens, host_done, on_text, n, on_token)
             if stopped is not None:
                 finished |= stopped
         state.live = state.live & ~finished
@@ -598,56 +558,6 @@ class ESampEngine:
         if (state.step + 1) % every:
             return False
         return not bool(state.live.any())
-
-    def _track_text(
-        self,
-        state: DecodeState,
-        tokens: torch.Tensor,
-        host_done: list[bool] | None,
-        on_text: TextCallback | None,
-        n: int,
-        on_token: TokenCallback | None = None,
-    ) -> torch.Tensor | None:
-        """Host-side text work, only for requests with stop strings or a listener.
-
-        End tokens are recognised on the host (the tokens are here anyway), so the only
-        device traffic is the token read and, on a step where a stop string completes,
-        one write of the rows it ended (returned as a ``[rows]`` mask; None otherwise).
-        """
-        host_tokens = tokens.tolist()
-        host_live, tracker, eos = state.host_live, state.tracker, state.eos_ids
-        assert host_live is not None
-        lps, top_ids, top_lps = None, None, None
-        if on_token is not None:  # this step's logprobs to the host too (they are tiny)
-            lps = state.record.logprobs[-1].tolist()
-            if state.record.top:
-                top_ids, top_lps = (t.tolist() for t in state.record.top[-1])
-        stopped: list[int] = []
-        for row, is_live in enumerate(host_live):
-            if not is_live:
-                continue
-            token = host_tokens[row]
-            if on_token is not None:
-                assert lps is not None
-                top = list(zip(top_ids[row], top_lps[row], strict=True)) if top_ids is not None else None
-                on_token(row // n, row % n, token, lps[row], top)
-            ended = token in eos or (host_done is not None and host_done[row])
-            if tracker.push(row, token) and not ended:
-                stopped.append(row)
-                host_live[row] = False
-            elif ended:
-                host_live[row] = False
-            elif on_text is not None:
-                delta = tracker.delta(row)
-                if delta:
-                    on_text(row // n, row % n, delta)
-        if not stopped:
-            return None
-        mask = torch.zeros(state.rows, dtype=torch.bool)
-        mask[stopped] = True
-        mask = mask.to(state.live.device)
-        state.stopped_by_string |= mask
-        return mask
 
     # ------------------------------------------------------------------ finish
     def _finish(
@@ -688,41 +598,4 @@ class ESampEngine:
         self._check_observers(observers)
         if grammar is not None:
             self._constraints(grammar, 1, sampling)  # a bad grammar fails here, before the first event
-        return self._stream_events(encoded[0], sampling, esamp, observers, grammar)
-
-    def _stream_events(
-        self,
-        ids: list[int],
-        sampling: SamplingParams,
-        esamp: ESampParams,
-        observers: Sequence[DecodeObserver],
-        grammar: Grammar | None = None,
-    ) -> Iterator[StreamEvent]:
-        events: queue.Queue[tuple[str, Any]] = queue.Queue()
-        cancel = threading.Event()
-
-        def work() -> None:
-            try:
-                result = self.generate(
-                    [ids], sampling, esamp, observers=observers, cancel=cancel, grammar=grammar,
-                    on_text=lambda _p, _s, delta: events.put(("text", delta)),
-                )  # fmt: skip
-                events.put(("done", result[0].candidates[0]))
-            except BaseException as exc:
-                events.put(("error", exc))
-
-        worker = threading.Thread(target=work, name="esamp-stream", daemon=True)
-        worker.start()
-        try:
-            while True:
-                kind, payload = events.get()
-                if kind == "text":
-                    yield StreamEvent(text=payload)
-                elif kind == "done":
-                    yield StreamEvent(text="", candidate=payload)
-                    return
-                else:
-                    raise payload
-        finally:
-            cancel.set()
-            worker.join()
+        return stream_events(self, encoded[0], sampling, esamp, observers, grammar)

@@ -43,7 +43,8 @@ from esamp_agents.decoding.results import GenerationResult
 from esamp_agents.decoding.state import DecodeJob
 
 if TYPE_CHECKING:
-    from esamp_agents.decoding.engine import ESampEngine, Proposal
+    from esamp_agents.decoding.engine import ESampEngine
+    from esamp_agents.decoding.state import Proposal
 
 
 @dataclass

@@ -31,6 +31,7 @@ from esamp_agents.decoding.distiller import BatchedDistiller
 from esamp_agents.decoding.observers import DecodeObserver
 from esamp_agents.decoding.params import ESampParams, SamplingParams
 from esamp_agents.decoding.results import Candidate, PromptResult
+from esamp_agents.decoding.sampling import Candidates
 from esamp_agents.decoding.text_tracking import TextTracker, cut_at_stop
 
 TextCallback = Callable[[int, int, str], None]
@@ -218,4 +219,27 @@ class DecodeJob:
         return max(self.sampling.max_new_tokens - 1 - done, 0)
 
 
-__all__ = ["DecodeJob", "DecodeState", "Request", "RowConstraint", "StepRecord", "TextCallback", "TokenCallback"]
+@dataclass
+class Proposal:
+    """One step of one job up to ESamp's bonus: the model's logits, the filter survivors and the
+    Distiller's error (split from the draw so the scheduler can project many jobs' errors at once)."""
+
+    model_logits: torch.Tensor  # [rows, vocab], what logprobs are read from
+    raw_logits: torch.Tensor  # before any soft cap
+    cands: Candidates | None = None
+    greedy: torch.Tensor | None = None  # [rows] tokens of a greedy step
+    error: torch.Tensor | None = None  # [rows, d] h_L - f(h_1) (ESamp from step 1 on)
+    loss: torch.Tensor | None = None  # [groups] this step's Distiller loss
+    bonus: torch.Tensor | None = None  # [rows, k] W . error on the candidates, when projected for a batch
+
+
+__all__ = [
+    "DecodeJob",
+    "DecodeState",
+    "Proposal",
+    "Request",
+    "RowConstraint",
+    "StepRecord",
+    "TextCallback",
+    "TokenCallback",
+]

@@ -6,7 +6,12 @@ stop strings and nobody listens for text.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from esamp_agents.decoding.state import DecodeState, TextCallback, TokenCallback
 
 REPLACEMENT_CHAR = "\ufffd"  # what a partial UTF-8 sequence decodes to
 
@@ -67,3 +72,56 @@ class TextTracker:
         out = safe[self.emitted[row] :]
         self.emitted[row] = len(safe)
         return out
+
+
+def host_text_step(
+    state: DecodeState,
+    tokens: torch.Tensor,
+    host_done: list[bool] | None,
+    on_text: TextCallback | None,
+    n: int,
+    on_token: TokenCallback | None = None,
+) -> torch.Tensor | None:
+    """Host-side text work, only for requests with stop strings or a listener.
+
+    End tokens are recognised on the host (the tokens are here anyway), so the only
+    device traffic is the token read and, on a step where a stop string completes,
+    one write of the rows it ended (returned as a ``[rows]`` mask; None otherwise).
+    """
+    host_tokens = tokens.tolist()
+    host_live, tracker, eos = state.host_live, state.tracker, state.eos_ids
+    assert host_live is not None
+    lps, top_ids, top_lps = None, None, None
+    if on_token is not None:  # this step's logprobs to the host too (they are tiny)
+        lps = state.record.logprobs[-1].tolist()
+        if state.record.top:
+            top_ids, top_lps = (t.tolist() for t in state.record.top[-1])
+    stopped: list[int] = []
+    for row, is_live in enumerate(host_live):
+        if not is_live:
+            continue
+        token = host_tokens[row]
+        if on_token is not None:
+            assert lps is not None
+            top = list(zip(top_ids[row], top_lps[row], strict=True)) if top_ids is not None else None
+            on_token(row // n, row % n, token, lps[row], top)
+        ended = token in eos or (host_done is not None and host_done[row])
+        if tracker.push(row, token) and not ended:
+            stopped.append(row)
+            host_live[row] = False
+        elif ended:
+            host_live[row] = False
+        elif on_text is not None:
+            delta = tracker.delta(row)
+            if delta:
+                on_text(row // n, row % n, delta)
+    if not stopped:
+        return None
+    mask = torch.zeros(state.rows, dtype=torch.bool)
+    mask[stopped] = True
+    mask = mask.to(state.live.device)
+    state.stopped_by_string |= mask
+    return mask
+
+
+__all__ = ["TextTracker", "cut_at_stop", "host_text_step"]
