@@ -88,6 +88,8 @@ def select_accuracy(
     if selector == "majority":
         return float(matches(_vote(idx, group.answers, None, rng), group.reference))
     kind, _, name = selector.partition(":")
+    if kind in ("fuse", "fusevote"):
+        return _fused_accuracy(group, kind, name, idx, rng, matches)
     if name not in group.scores:
         raise ValueError(f"selector {selector!r} needs score {name!r}; this group has {sorted(group.scores)}")
     scores = np.asarray(group.scores[name], dtype=np.float64)
@@ -99,16 +101,48 @@ def select_accuracy(
         weights = [_sigmoid(float(s)) if math.isfinite(s) else 0.0 for s in scores]
         return float(matches(_vote(idx, group.answers, weights, rng), group.reference))
     if kind == "zvote":
-        sub = np.where(np.isfinite(scores[idx]), scores[idx], np.nan)
-        sub = np.nan_to_num(sub, nan=np.nanmin(sub) if np.isfinite(sub).any() else 0.0)
-        std = sub.std()
-        z = (sub - sub.mean()) / std if std > 1e-12 else np.zeros_like(sub)
-        w = np.exp(z - z.max())
-        weights = np.zeros(len(scores))
-        weights[idx] = w / w.sum()
-        return float(matches(_vote(idx, group.answers, list(weights), rng), group.reference))
-    allowed = "random, majority, oracle, argmax:<score>, vote:<score>, zvote:<score>"
-    raise ValueError(f"unknown selector {selector!r}; allowed: {allowed}")
+        return _zvote(group, scores[idx], idx, rng, matches)
+    raise ValueError(f"unknown selector {selector!r}; allowed: {ALLOWED_SELECTORS}")
+
+
+ALLOWED_SELECTORS = (
+    "random, majority, oracle, argmax:<score>, vote:<score>, zvote:<score>, "
+    "fuse:<zscore|minmax|worst_rank>:<score>+<score>[@w1,w2], fusevote:<method>:<score>+<score>[@w1,w2]"
+)
+
+
+def _zvote(group: Group, sub: np.ndarray, idx: np.ndarray, rng: np.random.Generator, matches: AnswerMatcher) -> float:
+    """Vote weighted by the softmax of the z-scored ``sub`` (the scores of ``idx``), as BestOfN's vote."""
+    sub = np.where(np.isfinite(sub), sub, np.nan)
+    sub = np.nan_to_num(sub, nan=np.nanmin(sub) if np.isfinite(sub).any() else 0.0)
+    std = sub.std()
+    z = (sub - sub.mean()) / std if std > 1e-12 else np.zeros_like(sub)
+    w = np.exp(z - z.max())
+    weights = np.zeros(len(group.correct))
+    weights[idx] = w / w.sum()
+    return float(matches(_vote(idx, group.answers, list(weights), rng), group.reference))
+
+
+def _fused_accuracy(
+    group: Group, kind: str, spec: str, idx: np.ndarray, rng: np.random.Generator, matches: AnswerMatcher
+) -> float:
+    """Several scores fused WITHIN the subset (as BestOfN fuses its N candidates), then argmax or vote."""
+    from esamp_agents.selection.fusion import fuse
+
+    method, _, rest = spec.partition(":")
+    names_text, _, weights_text = rest.partition("@")
+    names = names_text.split("+")
+    missing = [n for n in names if n not in group.scores]
+    if len(names) < 2 or missing:
+        raise ValueError(
+            f"selector {kind}:{spec!r} needs two or more known scores; this group has {sorted(group.scores)}"
+        )
+    weights = [float(w) for w in weights_text.split(",")] if weights_text else None
+    sub = {n: [float(group.scores[n][i]) for i in idx] for n in names}
+    fused = fuse(sub, weights, method)
+    if kind == "fuse":
+        return float(group.correct[idx[fused.order[0]]])
+    return _zvote(group, np.asarray(fused.fused, dtype=np.float64), idx, rng, matches)
 
 
 def best_of_n(
@@ -157,4 +191,4 @@ def unbiased_pass_at_k(groups: Sequence[Group], ks: Sequence[int]) -> dict[int, 
     return {k: float(np.mean([pass_at_k(len(g.correct), int(sum(g.correct)), k) for g in groups])) for k in ks}
 
 
-__all__ = ["AnswerMatcher", "Group", "best_of_n", "select_accuracy", "unbiased_pass_at_k"]
+__all__ = ["ALLOWED_SELECTORS", "AnswerMatcher", "Group", "best_of_n", "select_accuracy", "unbiased_pass_at_k"]

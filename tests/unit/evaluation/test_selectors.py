@@ -68,3 +68,29 @@ def test_errors_name_the_bad_value():
         Group("x", [True, False], ["1", "2", "3"], "1")
     with pytest.raises(ValueError, match="unknown selector"):
         select_accuracy(GROUP, "best:r", np.arange(4), np.random.default_rng(0), eq)
+
+
+def test_fused_selectors_fuse_within_the_subset():
+    # a and b disagree; z-score fusion with equal weights picks the candidate good under both
+    g = Group(
+        "p",
+        correct=[False, True, False],
+        answers=["1", "2", "3"],
+        reference="2",
+        scores={"a": [3.0, 2.0, -5.0], "b": [-5.0, 2.0, 3.0]},
+    )
+    rng = np.random.default_rng(0)
+    full = np.arange(3)
+    assert select_accuracy(g, "argmax:a", full, rng, str.__eq__) == 0.0
+    assert select_accuracy(g, "argmax:b", full, rng, str.__eq__) == 0.0
+    assert select_accuracy(g, "fuse:zscore:a+b", full, rng, str.__eq__) == 1.0
+    assert select_accuracy(g, "fuse:worst_rank:a+b", full, rng, str.__eq__) == 1.0
+    assert select_accuracy(g, "fusevote:minmax:a+b", full, rng, str.__eq__) == 1.0
+    # a weight of 0 on b leaves a alone in charge
+    assert select_accuracy(g, "fuse:zscore:a+b@1,0", full, rng, str.__eq__) == 0.0
+    # within the subset {1, 2} b prefers 2, a prefers 1: equal z-scores tie, the lower index wins
+    assert select_accuracy(g, "fuse:zscore:a+b", np.array([1, 2]), rng, str.__eq__) == 1.0
+    with pytest.raises(ValueError, match="needs two or more known scores"):
+        select_accuracy(g, "fuse:zscore:a+c", full, rng, str.__eq__)
+    with pytest.raises(ValueError, match="fusion='median' is unknown"):
+        select_accuracy(g, "fuse:median:a+b", full, rng, str.__eq__)
