@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Exploratory Sampling (ESamp) of N diverse candidates from a local causal LM.",
     )
     sub = parser.add_subparsers(
-        dest="command", metavar="{generate,demo,agent-demo,collect,train-reward,score,serve,eval}"
+        dest="command", metavar="{generate,demo,agent-demo,collect,train-reward,train-text-reward,score,serve,eval}"
     )
     sub.required = True
 

@@ -1,10 +1,11 @@
-"""Command line for the hidden-state reward: ``collect``, ``train-reward`` and ``score``.
+"""Command line for the rewards: ``collect``, ``train-reward``, ``train-text-reward`` and ``score``.
 
     esamp-agents collect --task single_digit:240:0:train --out data/train -n 8
     esamp-agents train-reward data/train --layers every4 --out my-head.safetensors
     esamp-agents collect --task single_digit:160:0:train --out data/api -n 8 \
         --api-base-url https://api.openai.com/v1 --api-model gpt-4o-mini      # a closed API
     esamp-agents train-reward data/api --out my-logprob-head.safetensors     # a logprob head
+    esamp-agents train-text-reward data/api --out my-text-reward          # a text reward model (MiniLM)
     esamp-agents score --head shipped --prompt "What is 2 + 3?" "Answer: 5" "Answer: 6"
 
 Values are validated before the model loads; errors print one line and exit with status 2.
@@ -42,7 +43,7 @@ def parse_layers(text: str, num_layers: int) -> list[int] | str:
 
 
 def add_reward_commands(sub: Any, add_model_args: Any) -> None:
-    """Register the three subcommands on the main parser's subparsers."""
+    """Register the reward subcommands on the main parser's subparsers."""
     c = sub.add_parser(
         "collect",
         help="sample and grade candidates for reward training (resumable)",
@@ -97,6 +98,26 @@ def add_reward_commands(sub: Any, add_model_args: Any) -> None:
     t.add_argument("--no-gate", action="store_true", help="plain mean of token rewards instead of the gated mean")
     t.add_argument("--no-standardize", action="store_true", help="skip per-feature standardisation")
     add_model_args(t)
+
+    tt = sub.add_parser(
+        "train-text-reward",
+        help="fine-tune a text reward model (sequence classifier) on collected data",
+        description="Fine-tune a small cross-encoder (default: the installed all-MiniLM-L6-v2) to score "
+        "(prompt, candidate) pairs on a folder written by 'collect' (local or API), and save a folder "
+        "that SequenceClassifierReward loads.",
+    )
+    tt.add_argument("data", type=Path, help="folder written by 'esamp-agents collect' (local or --api-base-url)")
+    tt.add_argument("--out", type=Path, required=True, help="model folder to write (replaced if it is one already)")
+    tt.add_argument("--base", default=None, help="base model folder (default: the installed all-MiniLM-L6-v2)")
+    tt.add_argument("--epochs", type=int, default=3)
+    tt.add_argument("--lr", type=float, default=3e-5)
+    tt.add_argument("--batch-size", type=int, default=16)
+    tt.add_argument(
+        "--max-length", type=int, default=256, help="tokens per (prompt, candidate) pair, cut from the left"
+    )
+    tt.add_argument("--val-fraction", type=float, default=0.2)
+    tt.add_argument("--seed", type=int, default=0)
+    tt.add_argument("--device", default="cpu", help="torch device to train on (default cpu: reproducible)")
 
     s = sub.add_parser(
         "score",
@@ -240,6 +261,22 @@ def run_train_reward(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+def run_train_text_reward(args: argparse.Namespace, out: TextIO) -> int:
+    from esamp_agents.selection.text_reward_training import check_out_dir, load_labelled_texts, train_text_reward
+
+    check_out_dir(args.out)  # before reading anything
+    records, suffix = load_labelled_texts(args.data)
+    fit = train_text_reward(
+        records, args.out, suffix=suffix, base=args.base, epochs=args.epochs, lr=args.lr,
+        batch_size=args.batch_size, max_length=args.max_length, val_fraction=args.val_fraction, seed=args.seed,
+        device=args.device, progress=True,
+    )  # fmt: skip
+    summary = {k: v for k, v in fit.summary.items() if k != "history"}
+    print(json.dumps(summary, indent=2, default=str), file=out)
+    print(f"wrote {fit.path} (load it with SequenceClassifierReward({str(fit.path)!r}))", file=out)
+    return 0
+
+
 def _is_api_folder(path: Path) -> bool:
     try:
         manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
@@ -295,6 +332,11 @@ def run_score(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
-COMMANDS = {"collect": run_collect, "train-reward": run_train_reward, "score": run_score}
+COMMANDS = {
+    "collect": run_collect,
+    "train-reward": run_train_reward,
+    "train-text-reward": run_train_text_reward,
+    "score": run_score,
+}
 
 __all__ = ["COMMANDS", "add_reward_commands", "parse_layers"]

@@ -444,6 +444,24 @@ class SequenceClassifierReward:
         ids = list(ids)
         return ids[-self.max_length :]
 
+    def collate(self, encoded: Sequence[Sequence[int]]) -> tuple[Any, Any]:
+        """(input_ids, attention_mask) long tensors [B, T_max] of encoded rows, right-padded.
+
+        The one batching rule of scoring, shared with training
+        (:mod:`esamp_agents.selection.text_reward_training`) so both feed the model alike.
+        """
+        import torch
+
+        if not encoded:
+            raise ValueError("collate needs at least one encoded row")
+        width = max(len(ids) for ids in encoded)
+        ids = torch.full((len(encoded), width), self._pad, dtype=torch.long)
+        mask = torch.zeros((len(encoded), width), dtype=torch.long)
+        for i, row in enumerate(encoded):
+            ids[i, : len(row)] = torch.tensor(list(row), dtype=torch.long)
+            mask[i, : len(row)] = 1
+        return ids, mask
+
     def score(self, input: Any, candidates: Sequence[ScoredCandidate]) -> list[float]:
         return self.score_texts(input, [c.text for c in candidates])
 
@@ -456,13 +474,7 @@ class SequenceClassifierReward:
         out: list[float] = []
         with self._lock, torch.no_grad():
             for start in range(0, len(encoded), self.batch_size):
-                chunk = encoded[start : start + self.batch_size]
-                width = max(len(ids) for ids in chunk)
-                ids = torch.full((len(chunk), width), self._pad, dtype=torch.long)
-                mask = torch.zeros((len(chunk), width), dtype=torch.long)
-                for i, row in enumerate(chunk):
-                    ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-                    mask[i, : len(row)] = 1
+                ids, mask = self.collate(encoded[start : start + self.batch_size])
                 logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
                 out.extend(float(v) for v in logits[:, self.label_index].float().cpu())
         return out
