@@ -7,8 +7,9 @@ Two head forms read what an OpenAI-style API returns:
 - ``kind="logprob_tokens"``: the same statistics plus token identity, a
   :class:`~esamp_agents.hidden_reward.token_head.TokenTableHead` whose tables are indexed by
   the tokens' bytes (``index="vocab"``: every byte string seen in training; ``"hash:B"``: B
-  hashed buckets), learned free (``tables="free"``) or tied to a local model's token embedding
-  while training (``tables="embedding"``; the checkpoint keeps plain tables either way).
+  hashed buckets), tied to a local model's token embedding while training (``tables="embedding"``,
+  the default for a vocab index: similar tokens start alike, which helps with little data) or
+  learned free (``tables="free"``); the checkpoint keeps plain tables either way.
 
 The head records the API model's name (``base_model``) and refuses responses of another model.
 """
@@ -47,6 +48,11 @@ def parse_index(text: str) -> tuple[str, int]:
     if kind == "hash" and buckets.isdigit() and 2 <= int(buckets) <= MAX_BUCKETS:
         return "hash", int(buckets)
     raise ValueError(f"index={text!r} is not understood; allowed: vocab, or hash:B with 2 <= B <= {MAX_BUCKETS}")
+
+
+def default_tables(index: str) -> str:
+    """Tied to an embedding for a vocab index (measured best, BENCHMARKS.md section 12), free for hashed rows."""
+    return "free" if index.startswith("hash") else "embedding"
 
 
 def byte_counts(records: Sequence[dict[str, Any]]) -> Counter[bytes]:
@@ -100,13 +106,18 @@ def new_head(
     *,
     kind: str = "logprob_tokens",
     index: str = "vocab",
-    tables: str = "free",
+    tables: str | None = None,
     top_k: int = MAX_TOP_K,
     loaded: Any = None,
 ) -> Any:
-    """An untrained head for ``records`` (None for ``kind="logprobs"``: :func:`fit` builds it from the spec)."""
+    """An untrained head for ``records`` (None for ``kind="logprobs"``: :func:`fit` builds it from the spec).
+
+    ``tables=None``: tied to an embedding for a vocab index (``loaded``'s, by default the
+    embedded model's; measured best in BENCHMARKS.md section 12), free for a hashed one.
+    """
     if kind not in HEAD_KINDS:
         raise ValueError(f"kind={kind!r} is not a logprob head kind; allowed: {', '.join(HEAD_KINDS)}")
+    tables = tables or default_tables(index)
     if tables not in TABLES:
         raise ValueError(f"tables={tables!r} is invalid; allowed: {', '.join(TABLES)}")
     if kind == "logprobs":
@@ -115,8 +126,12 @@ def new_head(
     token_index = TokenIndex.hashed(buckets) if index_kind == "hash" else TokenIndex.from_counts(byte_counts(records))
     head = TokenTableHead(token_spec(model, top_k, token_index), token_index)
     if tables == "embedding":
+        if token_index.kind != "vocab":
+            raise ValueError(f"tables='embedding' needs index='vocab', not {index!r} (hashed rows mix tokens)")
         if loaded is None:
-            raise ValueError("tables='embedding' needs loaded= (a local model whose token embedding ties the tables)")
+            from esamp_agents.decoding.loading import EMBEDDED, load_model
+
+            loaded = load_model(EMBEDDED)
         head.tie_to_embedding(local_embedding(token_index, loaded))
     return head
 
@@ -134,7 +149,7 @@ def train_logprob_head(
     model: str | None = None,
     kind: str = "logprob_tokens",
     index: str = "vocab",
-    tables: str = "free",
+    tables: str | None = None,
     top_k: int | None = None,
     loaded: Any = None,
     problems: set[str] | None = None,
@@ -177,7 +192,7 @@ def train_logprob_head(
         result.head.materialise()
     result.head.training_summary.update(
         {"api_model": model, "head_kind": kind, "index": index if kind == "logprob_tokens" else None,
-         "tables": tables if kind == "logprob_tokens" else None}
+         "tables": (tables or default_tables(index)) if kind == "logprob_tokens" else None}
     )  # fmt: skip
     return result
 
@@ -187,6 +202,7 @@ __all__ = [
     "TABLES",
     "byte_counts",
     "candidate_features",
+    "default_tables",
     "local_embedding",
     "new_head",
     "parse_index",

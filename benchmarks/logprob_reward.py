@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import datetime as dt
+import json
 import os
 import platform
 import shlex
@@ -40,7 +42,9 @@ SUFFIX = "Think step by step, then write the final answer as 'Answer: <number>'.
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stage", choices=["all", "collect", "analyse"], default="all")
+    p.add_argument("--stage", choices=["all", "collect", "hidden", "analyse"], default="all",
+                   help="collect: sample from the server; hidden: the shipped hidden-state head's scores of the "
+                   "held-out candidates (post hoc, for comparison); analyse: the logprob heads")  # fmt: skip
     p.add_argument("--train-problems", type=int, default=160)
     p.add_argument("--test-problems", type=int, default=200)
     p.add_argument("--train-n", type=int, default=8)
@@ -144,18 +148,16 @@ def answer_span(record: dict[str, Any]) -> list[int]:
     return [i for i, end in enumerate(ends) if end > lo and end - len(tokens[i][0]) < hi] or [len(tokens) - 1]
 
 
-def hidden_scores(records: list[dict[str, Any]]) -> list[float]:
-    """The shipped hidden-state head on the same served candidates (post hoc: one forward per batch)."""
-    from esamp_agents import load_model
-    from esamp_agents.hidden_reward.reward import HiddenStateReward
+def served_token_ids(records: list[dict[str, Any]], loaded: Any) -> tuple[list[list[int]], list[list[int]]]:
+    """(prompt ids, response ids) of served candidates in the local model's vocabulary: the chat
+    template of the question, and each token by its exact bytes (plus the end-of-turn token when
+    the reply ended with it), i.e. the very tokens the server sampled."""
     from esamp_agents.openai_format import renderer_for
 
-    loaded = load_model("embedded", device="cpu")
     renderer = renderer_for(loaded.tokenizer)
     by_bytes: dict[bytes, int] = {}
     for tid in range(len(loaded.tokenizer)):
         by_bytes.setdefault(bytes(renderer.token(tid)[1]), tid)
-    reward = HiddenStateReward.shipped(loaded)
     eot = loaded.eos_token_ids[:1]
     prompts, responses = [], []
     for r in records:
@@ -167,6 +169,31 @@ def hidden_scores(records: list[dict[str, Any]]) -> list[float]:
                 by_bytes[b] if b in by_bytes else loaded.tokenizer(token, add_special_tokens=False)["input_ids"][0]
             )
         responses.append(ids + (eot if r["finish_reason"] == "stop" else []))
+    return prompts, responses
+
+
+def hidden_stage(args: argparse.Namespace) -> None:
+    """The shipped hidden-state head's score of every held-out candidate -> ``hidden_scores.json``."""
+    from esamp_agents.adapters.api_collect import read_api_records
+    from esamp_agents.atomic import atomic_write_json
+
+    test = read_api_records(args.work_dir / "test")
+    t = time.perf_counter()
+    scores = hidden_scores(test)
+    seconds = time.perf_counter() - t
+    atomic_write_json(args.work_dir / "hidden_scores.json",
+                      {"scores": scores, "ms_per_candidate": 1000 * seconds / len(test)})  # fmt: skip
+    print(f"[hidden] {len(test)} candidates in {seconds:.0f} s", flush=True)
+
+
+def hidden_scores(records: list[dict[str, Any]]) -> list[float]:
+    """The shipped hidden-state head on the same served candidates (post hoc: one forward per batch)."""
+    from esamp_agents import load_model
+    from esamp_agents.hidden_reward.reward import HiddenStateReward
+
+    loaded = load_model("embedded", device="cpu")
+    reward = HiddenStateReward.shipped(loaded)
+    prompts, responses = served_token_ids(records, loaded)
     out: list[float] = []
     for start in range(0, len(records), 64):
         out.extend(reward.score_tokens(prompts[start : start + 64], responses[start : start + 64]))
@@ -219,25 +246,31 @@ def analyse(args: argparse.Namespace) -> dict[str, Any]:
     }
     loaded = load_model("embedded", device="cpu")
 
-    def prepared(design: dict[str, Any], problems: set[str]) -> tuple[Any, Any, list[torch.Tensor], list[torch.Tensor]]:
-        """(untrained head or None, spec, training features, held-out features) for a design."""
-        records = [r for r in train if r["problem_id"] in problems]
-        head = new_head(records, args.model, kind=design["kind"], index=design.get("index", "vocab"),
-                        tables=design.get("tables", "free"), loaded=loaded)  # fmt: skip
-        spec = head.spec if head is not None else stats_spec(args.model)
-        reader = head if head is not None else spec
-        f_train, f_test = candidate_features(records, reader), candidate_features(test, reader)
-        if design.get("span"):
-            f_train = [f[answer_span(r)] for f, r in zip(f_train, records, strict=True)]
-            f_test = [f[s] for f, s in zip(f_test, spans_test, strict=True)]
-        return head, spec, f_train, f_test
+    cache: dict[str, tuple[Any, Any, list[torch.Tensor], list[torch.Tensor]]] = {}
 
-    def train_design(design: dict[str, Any], problems: set[str], lr: float) -> tuple[Any, list[float], float]:
-        """(trained head, held-out scores, training seconds)."""
-        head, spec, f_train, f_test = prepared(design, problems)
-        records = [r for r in train if r["problem_id"] in problems]
-        examples = [Example(f, bool(r["correct"]), r["problem_id"]) for f, r in zip(f_train, records, strict=True)
-                    if f.shape[0] > 0]  # fmt: skip
+    def prepared(name: str) -> tuple[Any, Any, list[torch.Tensor], list[torch.Tensor]]:
+        """(untrained head or None, spec, training features, held-out features) of a design, computed
+        once. A vocab index holds the tokens of ALL training candidates (no labels involved), also
+        for the data-efficiency heads trained on fewer problems."""
+        if name not in cache:
+            design = designs[name]
+            head = new_head(train, args.model, kind=design["kind"], index=design.get("index", "vocab"),
+                            tables=design.get("tables", "free"), loaded=loaded)  # fmt: skip
+            spec = head.spec if head is not None else stats_spec(args.model)
+            reader = head if head is not None else spec
+            f_train, f_test = candidate_features(train, reader), candidate_features(test, reader)
+            if design.get("span"):
+                f_train = [f[answer_span(r)] for f, r in zip(f_train, train, strict=True)]
+                f_test = [f[s] for f, s in zip(f_test, spans_test, strict=True)]
+            cache[name] = (head, spec, f_train, f_test)
+        return cache[name]
+
+    def train_design(name: str, problems: set[str], lr: float) -> tuple[Any, list[float], float]:
+        """(fit result, held-out scores, training seconds) of a design trained on ``problems``."""
+        template, spec, f_train, f_test = prepared(name)
+        head = copy.deepcopy(template)
+        examples = [Example(f, bool(r["correct"]), r["problem_id"]) for f, r in zip(f_train, train, strict=True)
+                    if f.shape[0] > 0 and r["problem_id"] in problems]  # fmt: skip
         t = time.perf_counter()
         result = fit(examples, spec, lr=lr, epochs=40, seed=args.seed, head=head)
         seconds = time.perf_counter() - t
@@ -258,15 +291,16 @@ def analyse(args: argparse.Namespace) -> dict[str, Any]:
     info: dict[str, Any] = {}
     heads: dict[str, Any] = {}
     all_problems = set(train_ids)
-    for name, design in designs.items():
+    for name in designs:
         best = None
         for lr in (1e-3, 1e-2):  # chosen on the validation split, never on the test set
-            result, sc, seconds = train_design(design, all_problems, lr)
+            result, sc, seconds = train_design(name, all_problems, lr)
             acc = result.summary["best_val_bon_accuracy"] or 0.0
-            print(f"[train] {name} lr={lr}: val BoN {acc:.3f}, {seconds:.1f} s", flush=True)
-            if best is None or acc > best[0]:
-                best = (acc, lr, result, sc, seconds)
-        acc, lr, result, sc, seconds = best
+            loss = result.summary["best_val_loss"] or 0.0
+            print(f"[train] {name} lr={lr}: val BoN {acc:.3f}, val loss {loss:.4f}, {seconds:.1f} s", flush=True)
+            if best is None or (acc, -loss) > (best[0], -best[5]):
+                best = (acc, lr, result, sc, seconds, loss)
+        acc, lr, result, sc, seconds, _loss = best
         heads[name], scores[name] = result.head, sc
         t = time.perf_counter()
         reader = result.head
@@ -278,10 +312,14 @@ def analyse(args: argparse.Namespace) -> dict[str, Any]:
         info[name] = {"lr": lr, "val_bon_accuracy": acc, "parameters": result.head.num_parameters,
                       "train_seconds": seconds, "summary": result.summary,
                       "feature_ms_per_candidate": feature_ms, "head_ms_per_candidate": head_ms}  # fmt: skip
-    print("[hidden] scoring the served candidates with the shipped hidden-state head", flush=True)
-    t = time.perf_counter()
-    scores["hidden_shipped"] = hidden_scores(test)
-    info["hidden_shipped"] = {"ms_per_candidate": 1000 * (time.perf_counter() - t) / len(test)}
+    hidden_file = args.work_dir / "hidden_scores.json"
+    if hidden_file.is_file():  # written by --stage hidden
+        stored = json.loads(hidden_file.read_text())
+        if len(stored["scores"]) != len(test):
+            raise SystemExit(f"{hidden_file} has {len(stored['scores'])} scores for {len(test)} candidates")
+        scores["hidden_shipped"] = stored["scores"]
+        info["hidden_shipped"] = {"ms_per_candidate_posthoc": stored["ms_per_candidate"]}
+    learned_names = [*designs, "hidden_shipped"] if "hidden_shipped" in scores else list(designs)
 
     def groups_of(score_map: dict[str, list[float]]) -> list[Group]:
         by: dict[str, list[int]] = {}
@@ -292,7 +330,7 @@ def analyse(args: argparse.Namespace) -> dict[str, Any]:
                 for pid, idx in by.items()]  # fmt: skip
 
     groups = groups_of(scores)
-    learned = [*designs, "hidden_shipped"]
+    learned = learned_names
     selectors = ["random", "majority", "argmax:mean_logprob", "argmax:answer_mean_logprob", "argmax:answer_min_logprob"]
     selectors += [f"argmax:{n}" for n in learned] + [f"zvote:{n}" for n in learned] + ["oracle"]
     bon = best_of_n(groups, selectors, args.ks, matches=answers_match, draws=args.draws, seed=args.seed)
@@ -301,14 +339,18 @@ def analyse(args: argparse.Namespace) -> dict[str, Any]:
     for n in learned:
         for kind in ("argmax", "zvote"):
             comparisons[f"{kind}:{n} - majority"] = paired(groups, f"{kind}:{n}", "majority", k, args.draws, args.seed)
-    best_design = max(designs, key=lambda n: info[n]["val_bon_accuracy"])
-    best_token = max(("vocab", "hash", "embed"), key=lambda n: info[n]["val_bon_accuracy"])
+    # the validation rule fit() uses: best validation Best-of-N, ties to the lower validation loss
+    def val_key(n: str) -> tuple[float, float]:
+        return info[n]["val_bon_accuracy"], -(info[n]["summary"]["best_val_loss"] or 0.0)
+
+    best_design = max(designs, key=val_key)
+    best_token = max(("vocab", "hash", "embed"), key=val_key)
     for kind in ("argmax", "zvote"):
         comparisons[f"{kind}:{best_token} - {kind}:stats"] = paired(
             groups, f"{kind}:{best_token}", f"{kind}:stats", k, args.draws, args.seed
         )
     majority = bon["majority"][k]["mean"]
-    hidden_gain = bon["argmax:hidden_shipped"][k]["mean"] - majority
+    hidden_gain = bon["argmax:hidden_shipped"][k]["mean"] - majority if "hidden_shipped" in scores else None
     fraction = {n: (bon[f"argmax:{n}"][k]["mean"] - majority) / hidden_gain if hidden_gain else None for n in designs}
 
     # data efficiency of every token design (argmax and vote at N = 8)
@@ -317,7 +359,7 @@ def analyse(args: argparse.Namespace) -> dict[str, Any]:
     for name in ("stats", "vocab", "hash", "embed"):
         efficiency[name] = {}
         for c in sizes:
-            _result, sc, _ = train_design(designs[name], set(train_ids[:c]), info[name]["lr"])
+            _result, sc, _ = train_design(name, set(train_ids[:c]), info[name]["lr"])
             res = best_of_n(groups_of({"x": sc}), ["argmax:x", "zvote:x"], [k], matches=answers_match,
                             draws=args.draws, seed=args.seed)  # fmt: skip
             efficiency[name][str(c)] = {"argmax": res["argmax:x"][k], "zvote": res["zvote:x"][k]}
@@ -325,6 +367,11 @@ def analyse(args: argparse.Namespace) -> dict[str, Any]:
                   f"{100 * res['zvote:x'][k]['mean']:.1f}", flush=True)  # fmt: skip
 
     if args.ship is not None:
+        design = designs[best_design]
+        heads[best_design].training_summary.update({
+            "api_model": args.model, "head_kind": design["kind"], "index": design.get("index"),
+            "tables": design.get("tables", "free"), "trained_by": "benchmarks/logprob_reward.py",
+        })  # fmt: skip
         save_head(heads[best_design], args.ship)
         print(f"[ship] {best_design} -> {args.ship}", flush=True)
     result = {
@@ -375,6 +422,8 @@ def main(argv: list[str] | None = None) -> int:
     args.work_dir.mkdir(parents=True, exist_ok=True)
     if args.stage in ("all", "collect"):
         collect_stage(args)
+    if args.stage in ("all", "hidden"):
+        hidden_stage(args)
     if args.stage in ("all", "analyse"):
         analyse(args)
     return 0

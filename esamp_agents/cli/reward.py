@@ -87,9 +87,9 @@ def add_reward_commands(sub: Any, add_model_args: Any) -> None:
     t.add_argument(
         "--index", default="vocab", help="token identity of a logprob_tokens head: vocab (default) or hash:B"
     )
-    t.add_argument("--tables", default="free", choices=TABLES,
-                   help="logprob_tokens tables: free (default) or embedding (tied to --model's token embedding "
-                   "while training)")  # fmt: skip
+    t.add_argument("--tables", default=None, choices=TABLES,
+                   help="logprob_tokens tables: embedding (the default with --index vocab: tied to --model's token "
+                   "embedding while training) or free (one learned pair per token; the default for hash)")  # fmt: skip
     t.add_argument("--loss", default="bce", choices=LOSSES)
     t.add_argument("--epochs", type=int, default=40)
     t.add_argument("--lr", type=float, default=1e-3)
@@ -220,9 +220,12 @@ def _train_logprob_head(args: argparse.Namespace, out: TextIO) -> int:
     if kind == "hidden":
         raise ValueError(f"{args.data} holds API logprobs, not hidden states: use --kind logprob_tokens or logprobs")
     parse_index(args.index)  # a bad value fails before any work
-    loaded = _load(args) if kind == "logprob_tokens" and args.tables == "embedding" else None
+    from esamp_agents.adapters.logprob_training import default_tables
+
+    tables = args.tables or default_tables(args.index)
+    loaded = _load(args) if kind == "logprob_tokens" and tables == "embedding" else None
     result = train_logprob_head(
-        args.data, kind=kind, index=args.index, tables=args.tables, loaded=loaded, loss=args.loss,
+        args.data, kind=kind, index=args.index, tables=tables, loaded=loaded, loss=args.loss,
         gate=not args.no_gate, standardize=not args.no_standardize, epochs=args.epochs, lr=args.lr,
         val_fraction=args.val_fraction, seed=args.seed, progress=True,
     )  # fmt: skip

@@ -159,3 +159,15 @@ def test_score_local_refuses_a_token_head():
     reward = LogprobReward(token_head())
     with pytest.raises(ValueError, match="score_local reads statistics only"):
         reward.score_local(None, [1, 2], [[3]])
+
+
+def test_the_shipped_logprob_head_is_a_token_head_for_the_served_embedded_model():
+    from esamp_agents.adapters.logprob_reward import shipped_logprob_head_path
+
+    reward = LogprobReward.shipped()
+    spec = reward.head.spec
+    assert shipped_logprob_head_path().stat().st_size < 512 * 1024  # small enough for the wheel
+    assert (spec.kind, spec.base_model, spec.top_k, spec.token_index) == ("logprob_tokens", "embedded", 20, "vocab")
+    assert reward.top_logprobs == 20 and reward.head.index.size == spec.index_size
+    summary = reward.head.training_summary
+    assert summary["api_model"] == "embedded" and summary["n_train_problems"] > 0
