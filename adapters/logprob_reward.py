@@ -34,6 +34,7 @@ candidates with logprobs from a real API, with bounded retries, is
 
 from __future__ import annotations
 
+import importlib.resources
 import math
 import warnings
 from collections.abc import Mapping, Sequence
@@ -63,7 +64,7 @@ LOGPROB_KINDS: tuple[str, ...] = ("logprobs", "logprob_tokens")
 
 def shipped_logprob_head_path() -> Path:
     """Where the shipped logprob head is installed (package data of ``esamp_agents.heads``)."""
-    path = Path(__file__).resolve().parent.parent / "heads" / SHIPPED_LOGPROB_HEAD_FILE
+    path = Path(str(importlib.resources.files("esamp_agents") / "heads" / SHIPPED_LOGPROB_HEAD_FILE))
     if not path.is_file():
         raise FileNotFoundError(f"the shipped logprob head is missing from the installation: {path}")
     return path

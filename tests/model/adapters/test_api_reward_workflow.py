@@ -85,3 +85,17 @@ def test_collect_train_and_choose_through_an_openai_compatible_server(server, tm
     with pytest.raises(IncompatibleHeadError, match="'embedded' but the response comes from 'gpt-4o-mini'"):
         reward.score_response(other)
     assert len(LogprobReward(head_path, check_model=False).score_response(other)) == 1
+
+
+@LOOPBACK
+def test_the_shipped_logprob_head_scores_served_candidates_in_one_line(server):
+    ChatOpenAI = pytest.importorskip("langchain_openai").ChatOpenAI
+    llm = ChatOpenAI(
+        model="embedded", base_url=server.url, api_key="x", logprobs=True, top_logprobs=20, n=3, max_tokens=24,
+        seed=5, use_responses_api=False, max_retries=0, extra_body={"top_k": 50, "beta": 0},
+    )  # fmt: skip
+    result = BestOfN(llm, n=3, reward=LogprobReward.shipped(), strategy="vote", include_candidates=True).invoke(
+        "What is 4 + 5? Think step by step, then write the final answer as 'Answer: <number>'."
+    )
+    scores = [c.scores["logprob_reward"] for c in result.candidates]
+    assert len(scores) == 3 and all(math.isfinite(s) for s in scores)
