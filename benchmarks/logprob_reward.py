@@ -339,6 +339,7 @@ def analyse(args: argparse.Namespace) -> dict[str, Any]:
     for n in learned:
         for kind in ("argmax", "zvote"):
             comparisons[f"{kind}:{n} - majority"] = paired(groups, f"{kind}:{n}", "majority", k, args.draws, args.seed)
+
     # the validation rule fit() uses: best validation Best-of-N, ties to the lower validation loss
     def val_key(n: str) -> tuple[float, float]:
         return info[n]["val_bon_accuracy"], -(info[n]["summary"]["best_val_loss"] or 0.0)
