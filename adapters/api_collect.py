@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -40,12 +39,12 @@ from esamp_agents.adapters.sampling import sample_with_logprobs
 from esamp_agents.atomic import atomic_write_bytes
 from esamp_agents.evaluation.tasks import DEFAULT_SUFFIX, Problem, extract_answer, grade
 from esamp_agents.hidden_reward.collect import (
-    RECORDS,
     CollectFormatError,
+    append_records,
     call_seed,
-    parse_records,
-    read_lines,
-    repair_records,
+    pending_problems,
+    read_manifest,
+    read_records,
 )
 from esamp_agents.hidden_reward.logprob_features import MAX_TOP_K
 from esamp_agents.validation import check_int
@@ -128,32 +127,17 @@ def _manifest(model: str, base_url: str, sampling: dict[str, Any], suffix: str) 
     }
 
 
+WHAT = "an API collection (esamp_agents.adapters.api_collect)"
+
+
 def read_api_manifest(out_dir: str | Path) -> dict[str, Any]:
     """The folder's manifest (raises :class:`CollectFormatError` if missing or not an API collection)."""
-    path = Path(out_dir) / MANIFEST
-    if not path.is_file():
-        raise CollectFormatError(f"{path} does not exist: {out_dir} is not a collection folder")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise CollectFormatError(f"{path} is not valid JSON: {exc}") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-        found = manifest.get("format") if isinstance(manifest, dict) else None
-        raise CollectFormatError(f"{path} is not an API collection (format={found!r}, expected {FORMAT_NAME!r})")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise CollectFormatError(
-            f"{path} has format_version {manifest.get('format_version')!r}; this package reads {FORMAT_VERSION}"
-        )
-    return manifest
+    return read_manifest(out_dir, fmt=FORMAT_NAME, version=FORMAT_VERSION, what=WHAT)
 
 
 def read_api_records(out_dir: str | Path) -> list[dict[str, Any]]:
     """All complete records of an API collection, in file order (read only)."""
-    read_api_manifest(out_dir)
-    path = Path(out_dir) / RECORDS
-    lines, _torn = read_lines(path)
-    kept, _ = parse_records(lines, path)
-    return [r for _, r in kept]
+    return read_records(out_dir, fmt=FORMAT_NAME, version=FORMAT_VERSION, what=WHAT)
 
 
 def _check_args(
@@ -195,14 +179,6 @@ def _records(problem: Problem, choices: Sequence[Any], call: int) -> list[dict[s
             "call_records": len(choices),
         })  # fmt: skip
     return records
-
-
-def _append(out: Path, records: list[dict[str, Any]]) -> None:
-    payload = "".join(json.dumps(r, allow_nan=False, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
-    with open(out / RECORDS, "ab") as f:
-        f.write(payload)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def collect_from_api(
@@ -253,16 +229,7 @@ def collect_from_api(
                 )
     else:
         atomic_write_bytes(out / MANIFEST, (json.dumps(fresh, indent=2) + "\n").encode("utf-8"))
-    existing = repair_records(out)
-    stored_questions = {r["problem_id"]: r["question"] for r in existing}
-    for p in problems:
-        if p.id in stored_questions and stored_questions[p.id] != p.question:
-            raise CollectFormatError(
-                f"problem id {p.id!r} is stored in {out} with question {stored_questions[p.id]!r} "
-                f"but given with {p.question!r}; ids must name the same problem"
-            )
-    pending = [p for p in problems if p.id not in stored_questions]
-    first_call = max((r["call"] for r in existing), default=-1) + 1
+    pending, first_call = pending_problems(out, problems)
     summary = ApiCollectSummary(0, len(problems) - len(pending), 0, 0, 0, [])
     create: dict[str, Any] = {"temperature": temperature, "max_tokens": max_tokens}
     if top_p is not None:
@@ -298,7 +265,7 @@ def collect_from_api(
                         summary.failed.append(problem.id)
                     else:
                         records = _records(problem, result.choices[:n], calls[problem.id])
-                        _append(out, records)
+                        append_records(out, records)
                         summary.problems_done += 1
                         summary.candidates += len(records)
                         summary.positives += sum(r["correct"] for r in records)

@@ -75,13 +75,10 @@ def local_embedding(index: TokenIndex, loaded: Any) -> torch.Tensor:
     if index.kind != "vocab":
         raise ValueError(f"tables='embedding' needs a vocab index, not {index.kind!r} (hashed rows mix tokens)")
     table = loaded.model.get_input_embeddings().weight.detach().float().cpu()
-    renderer = renderer_for(loaded.tokenizer)
-    by_bytes: dict[bytes, int] = {}
-    for tid in range(table.shape[0]):
-        by_bytes.setdefault(bytes(renderer.token(tid)[1]), tid)
+    by_bytes = renderer_for(loaded.tokenizer).ids_by_bytes()
     out = torch.zeros(index.size, table.shape[1])
     for row, raw in enumerate(index.tokens):
-        if raw in by_bytes:
+        if by_bytes.get(raw, table.shape[0]) < table.shape[0]:
             out[row] = table[by_bytes[raw]]
             continue
         ids = loaded.tokenizer(raw.decode("utf-8", errors="replace"), add_special_tokens=False)["input_ids"]

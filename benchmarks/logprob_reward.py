@@ -154,10 +154,7 @@ def served_token_ids(records: list[dict[str, Any]], loaded: Any) -> tuple[list[l
     the reply ended with it), i.e. the very tokens the server sampled."""
     from esamp_agents.openai_format import renderer_for
 
-    renderer = renderer_for(loaded.tokenizer)
-    by_bytes: dict[bytes, int] = {}
-    for tid in range(len(loaded.tokenizer)):
-        by_bytes.setdefault(bytes(renderer.token(tid)[1]), tid)
+    by_bytes = renderer_for(loaded.tokenizer).ids_by_bytes()
     eot = loaded.eos_token_ids[:1]
     prompts, responses = [], []
     for r in records:

@@ -29,6 +29,7 @@ class TokenRenderer:
         backend = getattr(tokenizer, "backend_tokenizer", None)
         self._byte_level = backend is not None and "ByteLevel" in repr(getattr(backend, "decoder", ""))
         self._byte_decoder: dict[str, int] = {}
+        self._ids_by_bytes: dict[bytes, int] | None = None
         if self._byte_level:
             from transformers.convert_slow_tokenizer import bytes_to_unicode
 
@@ -41,6 +42,16 @@ class TokenRenderer:
             if isinstance(piece, str) and piece and all(ch in self._byte_decoder for ch in piece):
                 return text, [self._byte_decoder[ch] for ch in piece]
         return text, list(text.encode("utf-8"))
+
+    def ids_by_bytes(self) -> dict[bytes, int]:
+        """Every token's exact bytes -> its id (the lowest id when two tokens spell the same bytes):
+        maps an API's tokens, which arrive as bytes, back to this tokenizer's ids."""
+        if self._ids_by_bytes is None:
+            table: dict[bytes, int] = {}
+            for tid in range(len(self.tokenizer)):
+                table.setdefault(bytes(self.token(tid)[1]), tid)
+            self._ids_by_bytes = table
+        return self._ids_by_bytes
 
     def entry(self, token_id: int, logprob: float) -> dict[str, Any]:
         text, raw = self.token(token_id)

@@ -281,12 +281,13 @@ def run_train_text_reward(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _is_api_folder(path: Path) -> bool:
-    try:
-        manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
     from esamp_agents.adapters.api_collect import FORMAT_NAME
+    from esamp_agents.hidden_reward.collect import CollectFormatError, manifest_json
 
+    try:
+        manifest = manifest_json(path)
+    except CollectFormatError:
+        return False
     return isinstance(manifest, dict) and manifest.get("format") == FORMAT_NAME
 
 

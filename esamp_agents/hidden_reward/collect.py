@@ -126,22 +126,35 @@ def make_manifest(
     }
 
 
-def read_manifest(out_dir: str | Path) -> dict[str, Any]:
-    """The folder's manifest (raises :class:`CollectFormatError` if missing or foreign)."""
+def manifest_json(out_dir: str | Path) -> Any:
+    """The parsed ``manifest.json`` of a folder, whatever wrote it (raises :class:`CollectFormatError`
+    when it is missing or not JSON): lets a reader tell the collection formats apart."""
     path = Path(out_dir) / MANIFEST
     if not path.is_file():
         raise CollectFormatError(f"{path} does not exist: {out_dir} is not a collection folder")
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise CollectFormatError(f"{path} is not valid JSON: {exc}") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+
+
+def read_manifest(
+    out_dir: str | Path,
+    *,
+    fmt: str = FORMAT_NAME,
+    version: int = FORMAT_VERSION,
+    what: str = "written by esamp_agents.hidden_reward.collect",
+) -> dict[str, Any]:
+    """The folder's manifest (raises :class:`CollectFormatError` if missing or foreign); ``fmt``,
+    ``version`` and ``what`` (for the message) name another collection format that shares these rules."""
+    manifest = manifest_json(out_dir)
+    path = Path(out_dir) / MANIFEST
+    if not isinstance(manifest, dict) or manifest.get("format") != fmt:
+        found = manifest.get("format") if isinstance(manifest, dict) else None
+        raise CollectFormatError(f"{path} was not {what} (format={found!r}, expected {fmt!r})")
+    if manifest.get("format_version") != version:
         raise CollectFormatError(
-            f"{path} was not written by esamp_agents.hidden_reward.collect (format={manifest.get('format')!r})"
-        )
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise CollectFormatError(
-            f"{path} has format_version {manifest.get('format_version')!r}; this package reads {FORMAT_VERSION}"
+            f"{path} has format_version {manifest.get('format_version')!r}; this package reads {version}"
         )
     return manifest
 
@@ -200,11 +213,12 @@ def parse_records(lines: list[bytes], path: Path) -> tuple[list[tuple[bytes, dic
     return kept, incomplete
 
 
-def read_records(out_dir: str | Path) -> list[dict[str, Any]]:
+def read_records(out_dir: str | Path, **manifest: Any) -> list[dict[str, Any]]:
     """All complete records, in file order (read only: a torn last line and the records of an
-    unfinished call are left out, not removed; :func:`collect` removes them when it resumes)."""
+    unfinished call are left out, not removed; :func:`collect` removes them when it resumes).
+    ``manifest`` (fmt, version, what) go to :func:`read_manifest` for another format's folder."""
     path = Path(out_dir) / RECORDS
-    read_manifest(out_dir)
+    read_manifest(out_dir, **manifest)
     lines, _torn = read_lines(path)
     kept, _ = parse_records(lines, path)
     return [r for _, r in kept]
@@ -319,6 +333,30 @@ class CollectPlan:
     summary: CollectSummary
 
 
+def pending_problems(out: Path, problems: Sequence[Problem]) -> tuple[list[Problem], int]:
+    """Repair an interrupted folder, then (the problems it does not hold yet, the next call number);
+    a stored id with another question raises :class:`CollectFormatError`."""
+    existing = repair_records(out)
+    stored_questions = {r["problem_id"]: r["question"] for r in existing}
+    for p in problems:
+        if p.id in stored_questions and stored_questions[p.id] != p.question:
+            raise CollectFormatError(
+                f"problem id {p.id!r} is stored in {out} with question {stored_questions[p.id]!r} "
+                f"but given with {p.question!r}; ids must name the same problem"
+            )
+    pending = [p for p in problems if p.id not in stored_questions]
+    return pending, max((r["call"] for r in existing), default=-1) + 1
+
+
+def append_records(out: Path, records: Sequence[dict[str, Any]]) -> None:
+    """Append one call's records with one write, flushed and fsync'd (a crash tears at most this call)."""
+    payload = "".join(json.dumps(r, allow_nan=False, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
+    with open(out / RECORDS, "ab") as f:
+        f.write(payload)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def plan_collect(
     loaded: LoadedModel,
     problems: Sequence[Problem],
@@ -343,17 +381,8 @@ def plan_collect(
     else:
         atomic_write_bytes(out / MANIFEST, (json.dumps(fresh, indent=2) + "\n").encode("utf-8"))
 
-    existing = repair_records(out)
-    stored_questions = {r["problem_id"]: r["question"] for r in existing}
-    for p in problems:
-        if p.id in stored_questions and stored_questions[p.id] != p.question:
-            raise CollectFormatError(
-                f"problem id {p.id!r} is stored in {out} with question {stored_questions[p.id]!r} "
-                f"but given with {p.question!r}; ids must name the same problem"
-            )
-    pending = [p for p in problems if p.id not in stored_questions]
+    pending, first_call = pending_problems(out, problems)
     chunks = [pending[i : i + prompts_per_call] for i in range(0, len(pending), prompts_per_call)]
-    first_call = max((r["call"] for r in existing), default=-1) + 1
     return CollectPlan(out, chunks, first_call, CollectSummary(0, len(problems) - len(pending), 0, 0, 0, 0, 0.0))
 
 
@@ -439,11 +468,7 @@ def write_call(out: Path, output: CallOutput, summary: CollectSummary) -> None:
     records = output.records
     if output.shard is not None:
         atomic_write_bytes(out / SHARDS / f"shard-{output.call:05d}.safetensors", output.shard)
-    payload = "".join(json.dumps(r, allow_nan=False, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
-    with open(out / RECORDS, "ab") as f:
-        f.write(payload)
-        f.flush()
-        os.fsync(f.fileno())
+    append_records(out, records)
     summary.problems_done += len({r["problem_id"] for r in records})
     summary.calls += 1
     summary.candidates += len(records)
@@ -515,11 +540,13 @@ def load_examples(
 
 
 __all__ = [
+    "FORMAT_NAME",
     "FORMAT_VERSION",
     "CallOutput",
     "CollectFormatError",
     "CollectPlan",
     "CollectSummary",
+    "append_records",
     "call_seed",
     "check_collect_args",
     "check_manifest",
@@ -527,7 +554,9 @@ __all__ = [
     "generate_call",
     "load_examples",
     "make_manifest",
+    "manifest_json",
     "parse_records",
+    "pending_problems",
     "plan_collect",
     "read_lines",
     "read_manifest",

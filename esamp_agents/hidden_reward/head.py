@@ -205,14 +205,7 @@ class GatedLinearHead(torch.nn.Module):
 
     def set_standardisation(self, mean: Tensor, std: Tensor) -> None:
         """Use ``(x - mean) / std`` as the input; ``std`` is clamped to >= 1e-6."""
-        d = self.spec.dim
-        if tuple(mean.shape) != (d,) or tuple(std.shape) != (d,):
-            raise ValueError(f"mean {tuple(mean.shape)} and std {tuple(std.shape)} must both have shape ({d},)")
-        if not (torch.isfinite(mean).all() and torch.isfinite(std).all()):
-            raise ValueError("mean and std must be finite")
-        with torch.no_grad():
-            self.feature_mean.copy_(mean.to(torch.float32))
-            self.feature_std.copy_(std.to(torch.float32).clamp(min=MIN_STD))
+        store_standardisation(self, mean, std)
 
     def token_outputs(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``x`` [..., dim] any float dtype -> (gate_logit [...], token_reward [...]) in float32."""
@@ -236,6 +229,18 @@ class GatedLinearHead(torch.nn.Module):
     def forward(self, features: Tensor, mask: Tensor) -> Tensor:
         """``features`` [B, T, dim], ``mask`` [B, T] (bool or 0/1) -> R [B]; a row with no tokens -> 0."""
         return gated_mean(self, features, mask)
+
+
+def store_standardisation(head: Any, mean: Tensor, std: Tensor) -> None:
+    """Check ``mean``/``std`` against the head's ``feature_mean`` buffer and store them (std >= 1e-6)."""
+    d = head.feature_mean.shape[0]
+    if tuple(mean.shape) != (d,) or tuple(std.shape) != (d,):
+        raise ValueError(f"mean {tuple(mean.shape)} and std {tuple(std.shape)} must have shape ({d},)")
+    if not (torch.isfinite(mean).all() and torch.isfinite(std).all()):
+        raise ValueError("mean and std must be finite")
+    with torch.no_grad():
+        head.feature_mean.copy_(mean.to(torch.float32))
+        head.feature_std.copy_(std.to(torch.float32).clamp(min=MIN_STD))
 
 
 def gated_mean(head: Any, features: Tensor, mask: Tensor) -> Tensor:
@@ -489,4 +494,5 @@ __all__ = [
     "gated_mean",
     "load_head",
     "save_head",
+    "store_standardisation",
 ]

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from esamp_agents.hidden_reward.head import MIN_STD, FeatureSpec, gated_mean
+from esamp_agents.hidden_reward.head import FeatureSpec, gated_mean, store_standardisation
 from esamp_agents.hidden_reward.logprob_features import logprob_feature_dim
 from esamp_agents.hidden_reward.token_index import TokenIndex
 
@@ -120,13 +120,7 @@ class TokenTableHead(torch.nn.Module):
         """Standardise the statistics columns: ``mean``/``std`` of shape (stats,) or of the packed row (dim,)."""
         if tuple(mean.shape) == (self.spec.dim,) and tuple(std.shape) == (self.spec.dim,):
             mean, std = mean[: self.stats_dim], std[: self.stats_dim]
-        if tuple(mean.shape) != (self.stats_dim,) or tuple(std.shape) != (self.stats_dim,):
-            raise ValueError(f"mean {tuple(mean.shape)} and std {tuple(std.shape)} must have shape ({self.stats_dim},)")
-        if not (torch.isfinite(mean).all() and torch.isfinite(std).all()):
-            raise ValueError("mean and std must be finite")
-        with torch.no_grad():
-            self.feature_mean.copy_(mean.to(torch.float32))
-            self.feature_std.copy_(std.to(torch.float32).clamp(min=MIN_STD))
+        store_standardisation(self, mean, std)
 
     def token_outputs(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Packed rows ``x`` [..., dim] -> (gate_logit [...], token_reward [...]) in float32."""

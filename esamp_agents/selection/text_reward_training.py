@@ -61,15 +61,10 @@ def load_labelled_texts(folder: str | Path) -> tuple[list[dict[str, Any]], str]:
     from esamp_agents.adapters.api_collect import FORMAT_NAME as API_FORMAT
     from esamp_agents.adapters.api_collect import read_api_manifest, read_api_records
     from esamp_agents.hidden_reward.collect import FORMAT_NAME as LOCAL_FORMAT
-    from esamp_agents.hidden_reward.collect import CollectFormatError, read_manifest, read_records
+    from esamp_agents.hidden_reward.collect import CollectFormatError, manifest_json, read_manifest, read_records
 
     path = Path(folder) / "manifest.json"
-    if not path.is_file():
-        raise CollectFormatError(f"{path} does not exist: {folder} is not a folder written by 'esamp-agents collect'")
-    try:
-        found = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise CollectFormatError(f"{path} is not valid JSON: {exc}") from exc
+    found = manifest_json(folder)
     fmt = found.get("format") if isinstance(found, dict) else None
     if fmt == LOCAL_FORMAT:
         manifest, records = read_manifest(folder), read_records(folder)
