@@ -57,6 +57,10 @@ DENSE_PROJECTION_SHARE = 0.5
 # dropped: every row's outputs are cut at its length). On the CPU the question costs nothing.
 LIVE_CHECK_EVERY = 8
 _SHARED_LOCK = threading.Lock()
+# Whether the Distiller's update runs beside the model's next forward (a side CUDA stream, a worker
+# thread on the CPU) by default, per device type; the tokens are the same either way
+# (BENCHMARKS.md section 14 measured the CPU choice).
+OVERLAP_BY_DEFAULT = {"cuda": True, "cpu": False}
 
 
 def _repeat_cache_rows(cache: Any, n: int) -> None:
@@ -99,9 +103,12 @@ class ESampEngine:
         *,
         batching: bool = True,
         max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS,
+        overlap_distiller: bool | None = None,
     ) -> None:
         if not isinstance(batching, bool):
             raise TypeError(f"batching={batching!r} must be True or False")
+        if overlap_distiller is not None and not isinstance(overlap_distiller, bool):
+            raise TypeError(f"overlap_distiller={overlap_distiller!r} must be True, False or None (auto)")
         check_int("max_batch_rows", max_batch_rows, 1)
         self.batching = batching
         self.max_batch_rows = max_batch_rows
@@ -115,6 +122,9 @@ class ESampEngine:
         self._softcap: float | None = getattr(self.loaded.config, "final_logit_softcapping", None)
         self._cache_name = _cache_argument(self._base)
         self._live_check_every: int | None = None  # None: every step on the CPU, LIVE_CHECK_EVERY elsewhere
+        if overlap_distiller is None:
+            overlap_distiller = OVERLAP_BY_DEFAULT.get(self.loaded.device.type, False)
+        self.overlap_distiller = overlap_distiller
 
     @classmethod
     def shared(cls, loaded: LoadedModel) -> ESampEngine:
@@ -395,7 +405,9 @@ class ESampEngine:
         if esamp.enabled and not sampling.greedy:
             t_d = time.perf_counter()
             init_gen = torch.Generator().manual_seed(seed ^ 0x5EED)
-            distiller = BatchedDistiller(groups, d, esamp, device=device, generator=init_gen)
+            distiller = BatchedDistiller(
+                groups, d, esamp, device=device, generator=init_gen, overlap=self.overlap_distiller
+            )
             if esamp.warm_start_steps:
                 distiller.warm_start(
                     hidden_states[1].float().reshape(groups, -1, d),
@@ -523,8 +535,8 @@ class ESampEngine:
             obs.on_step(state.step, {layer: state.hidden[layer % n_states] for layer in obs.layers}, tokens, state.live)
         if loss is not None and state.distiller is not None:
             t_d = time.perf_counter()
-            state.distiller.step(loss)
-            record.loss.append(loss.detach())
+            state.distiller.step()
+            record.loss.append(loss)
             state.distiller_seconds += time.perf_counter() - t_d
 
     def _retire(
@@ -563,6 +575,8 @@ class ESampEngine:
     def _finish(
         self, state: DecodeState, sampling: SamplingParams, on_text: TextCallback | None, decode_seconds: float
     ) -> GenerationResult:
+        if state.distiller is not None:
+            state.distiller.wait()  # an overlapped last update's error surfaces here, not later
         lengths = state.lengths.tolist()
         results = state.results(sampling, on_text, lengths)
         stats = GenerationStats(

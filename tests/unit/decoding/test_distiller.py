@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from esamp_agents.decoding.distiller import BatchedDistiller
@@ -22,7 +23,7 @@ def train(
     losses = []
     for _ in range(steps):
         _, _, loss = dist.predict_and_loss(h1, target, live)
-        dist.step(loss)
+        dist.step()
         losses.append(loss.detach().clone())
     return losses
 
@@ -74,20 +75,85 @@ def test_loss_falls_with_training() -> None:
     assert (losses[-1] < 0.5 * losses[0]).all()
 
 
-def test_gradient_clip_is_per_prompt() -> None:
+def autograd_loss(weights: list[torch.Tensor], h1: torch.Tensor, target: torch.Tensor, live: torch.Tensor):
+    """The Distiller's loss written plainly, for autograd to differentiate (the reference)."""
+    x = h1
+    for b in range(2):
+        w_gate, w_up, w_down = weights[3 * b : 3 * b + 3]
+        x = x + torch.bmm(torch.nn.functional.silu(torch.bmm(x, w_gate)) * torch.bmm(x, w_up), w_down)
+    live_f = live.float()
+    return (((target - x) ** 2).sum(-1) * live_f).sum(-1) / live_f.sum(-1).clamp(min=1.0)
+
+
+@pytest.mark.parametrize("gram_max_rows", [64, 0], ids=["norm-from-factors", "norm-from-gradients"])
+def test_hand_written_gradients_match_autograd(gram_max_rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("esamp_agents.decoding.distiller.GRAM_MAX_ROWS", gram_max_rows)
+    h1, target = data(6)
+    live = torch.tensor([[True, False, True, True], [True, True, True, False]])
+    dist = make(grad_clip=1e9)  # no clipping: .grad holds the raw gradient after the step
+    reference = [w.detach().clone().requires_grad_(True) for w in dist.weights]
+    _, novelty, loss = dist.predict_and_loss(h1, target, live)
+    ref_loss = autograd_loss(reference, h1, target, live)
+    torch.testing.assert_close(loss, ref_loss.detach())
+    expected = torch.autograd.grad(ref_loss.sum(), reference)
+    dist.step()
+    for got, want in zip(dist.grads, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    assert novelty.shape == (2, 4) and (novelty >= 0).all()
+
+
+@pytest.mark.parametrize("gram_max_rows", [64, 0], ids=["norm-from-factors", "norm-from-gradients"])
+def test_gradient_clip_is_per_prompt(gram_max_rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("esamp_agents.decoding.distiller.GRAM_MAX_ROWS", gram_max_rows)
     h1, target = data(4)
     live = torch.ones(2, 4, dtype=torch.bool)
     scale = torch.tensor([1e-3, 1e3]).view(2, 1, 1)  # prompt 0: tiny gradients, prompt 1: huge
     dist = make(grad_clip=0.5)
-    _, _, loss = dist.predict_and_loss(h1 * scale.clamp(max=1.0), target * scale, live)
-    raw = torch.autograd.grad(loss.sum(), dist.weights, retain_graph=True)
-    dist.step(loss)  # leaves the clipped gradients in .grad
+    reference = [w.detach().clone().requires_grad_(True) for w in dist.weights]
+    inputs = (h1 * scale.clamp(max=1.0), target * scale, live)
+    raw = torch.autograd.grad(autograd_loss(reference, *inputs).sum(), reference)
+    dist.predict_and_loss(*inputs)
+    dist.step()  # leaves the clipped gradients in .grad
     norm = lambda gs, p: torch.sqrt(sum(g[p].pow(2).sum() for g in gs))  # noqa: E731
-    clipped = [w.grad for w in dist.weights]
+    clipped = dist.grads
     assert norm(raw, 1) > 0.5 and abs(norm(clipped, 1) - 0.5) < 1e-3
     assert norm(raw, 0) < 0.5
     for r, c in zip(raw, clipped, strict=True):
-        torch.testing.assert_close(r[0], c[0])  # prompt 0 is not scaled by prompt 1's norm
+        torch.testing.assert_close(r[0], c[0], rtol=1e-4, atol=1e-9)  # prompt 0 is not scaled by prompt 1's norm
+
+
+def test_overlapped_updates_compute_what_synchronous_ones_do() -> None:
+    """overlap=True runs each step on a worker thread; the next prediction waits for it."""
+    h1, target = data(7)
+    live = torch.ones(2, 4, dtype=torch.bool)
+    sync, overlapped = make(), make()
+    overlapped.overlap = True
+    for _ in range(6):
+        for dist in (sync, overlapped):
+            dist.predict_and_loss(h1, target, live)
+            dist.step()
+        assert overlapped._running is not None  # the last step is still in flight (or just done)
+    overlapped.wait()
+    for a, b in zip(sync.weights, overlapped.weights, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_an_overlapped_update_error_surfaces_at_the_next_wait() -> None:
+    dist = make()
+    dist.overlap = True
+    h1, target = data(8)
+    dist.predict_and_loss(h1, target, torch.ones(2, 4, dtype=torch.bool))
+    assert dist._pending is not None
+    dist._pending.grad_prediction = torch.zeros(3, 4, D)  # a broken update: wrong prompt count
+    dist.step()
+    with pytest.raises(RuntimeError):
+        dist.wait()
+    dist.wait()  # reported once; the Distiller is usable again
+
+
+def test_a_step_needs_a_prediction_first() -> None:
+    with pytest.raises(RuntimeError, match="needs a predict_and_loss"):
+        make().step()
 
 
 def test_warm_start_fits_prompt_states() -> None:
