@@ -7,6 +7,13 @@ all modes do the same work and tokens/s compares like with like.
 
     python benchmarks/throughput.py --reps 5
     python benchmarks/throughput.py --shapes 4x16 --reps 3 --no-hf
+    python benchmarks/throughput.py --shapes 1x1 4x1 4x16 16x16 --modes off on overlap default hf
+
+Modes: ``off`` (beta 0), ``on`` (``--beta``, the Distiller's update in the loop's own order),
+``overlap`` (the same with the update beside the next forward: same tokens), ``default`` (the
+package's default ESampParams: beta 0.1 + 20-step warm start, the engine's default overlap
+choice), ``width128`` (``on`` with a Distiller of width 128), ``shared`` (``on`` with one Distiller
+for all prompts) and ``hf`` (HF ``generate``). Each run also records the minor page faults it caused.
 
 Peak memory: ``--memory`` runs each mode of the largest shape in a fresh
 subprocess and reports the peak resident set size (ESamp's extra memory is the
@@ -20,10 +27,12 @@ import copy
 import datetime as dt
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +47,18 @@ QUESTIONS = [
     "Write a short story about a lighthouse keeper.",
     "What are three ways to improve sleep? Explain each.",
     "Describe how a bicycle works to a child.",
+    "List the planets of the solar system and one fact about each.",
+    "Explain why the sky is blue.",
+    "Give a recipe for a simple tomato soup.",
+    "What is the difference between weather and climate?",
+    "Summarise the plot of a detective story you invent.",
+    "How does a refrigerator keep food cold?",
+    "Explain what a prime number is, with examples.",
+    "Describe a day in the life of a honeybee.",
+    "Why do we have seasons on Earth?",
+    "Explain how to plant a tree, step by step.",
+    "What makes a good password? Explain.",
+    "Describe how rain forms.",
 ]
 OUT = Path(__file__).resolve().parent / "out"
 
@@ -57,12 +78,29 @@ def prompts_for(engine: ESampEngine, p: int) -> list[list[int]]:
 
 
 def run_ours(
-    engine: ESampEngine, prompts: list[list[int]], sampling: SamplingParams, beta: float, warm: int = 0
+    engine: ESampEngine,
+    prompts: list[list[int]],
+    sampling: SamplingParams,
+    esamp: ESampParams,
+    overlap: bool | None = None,
 ) -> dict[str, float]:
+    """One timed generation; ``overlap`` None keeps the engine's default choice."""
+    default_overlap = engine.overlap_distiller
+    if overlap is not None:
+        engine.overlap_distiller = overlap
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     start = time.perf_counter()
-    out = engine.generate(prompts, sampling, ESampParams(beta=beta, warm_start_steps=warm if beta else 0))
+    try:
+        out = engine.generate(prompts, sampling, esamp)
+    finally:
+        engine.overlap_distiller = default_overlap
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "tokens": out.stats.generated_tokens, "distiller_seconds": out.stats.distiller_seconds}
+    return {
+        "seconds": seconds,
+        "tokens": out.stats.generated_tokens,
+        "distiller_seconds": out.stats.distiller_seconds,
+        "minor_faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults,
+    }
 
 
 def run_hf(engine: ESampEngine, prompts: list[list[int]], sampling: SamplingParams) -> dict[str, float]:
@@ -91,7 +129,7 @@ def run_hf(engine: ESampEngine, prompts: list[list[int]], sampling: SamplingPara
         )
     seconds = time.perf_counter() - start
     tokens = (out.shape[1] - width) * out.shape[0]
-    return {"seconds": seconds, "tokens": tokens, "distiller_seconds": 0.0}
+    return {"seconds": seconds, "tokens": tokens, "distiller_seconds": 0.0, "minor_faults": 0}
 
 
 def summarise(runs: list[dict[str, float]]) -> dict[str, float]:
@@ -100,6 +138,7 @@ def summarise(runs: list[dict[str, float]]) -> dict[str, float]:
         "median_tokens_per_s": statistics.median(rates),
         "median_seconds": statistics.median(r["seconds"] for r in runs),
         "median_distiller_share": statistics.median(r["distiller_seconds"] / r["seconds"] for r in runs),
+        "median_minor_faults": statistics.median(r["minor_faults"] for r in runs),
         "runs": len(runs),
     }
 
@@ -110,35 +149,37 @@ def bench_shape(engine: ESampEngine, p: int, n: int, args: argparse.Namespace) -
         n=n, max_new_tokens=args.new_tokens, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, seed=1234, ignore_eos=True,
     )  # fmt: skip
-    modes = ["off", "on"] + ([] if args.no_hf else ["hf"])
+    modes = [m for m in args.modes if not (m == "hf" and args.no_hf)]
+    on = ESampParams(beta=args.beta, warm_start_steps=args.warm_start_steps)
     run = {
-        "off": lambda: run_ours(engine, prompts, sampling, 0.0),
-        "on": lambda: run_ours(engine, prompts, sampling, args.beta, args.warm_start_steps),
+        "off": lambda: run_ours(engine, prompts, sampling, ESampParams(beta=0.0)),
+        "on": lambda: run_ours(engine, prompts, sampling, on, overlap=False),
+        "overlap": lambda: run_ours(engine, prompts, sampling, on, overlap=True),
+        "default": lambda: run_ours(engine, prompts, sampling, ESampParams()),
+        "width128": lambda: run_ours(engine, prompts, sampling, replace(on, distiller_width=128), overlap=False),
+        "shared": lambda: run_ours(engine, prompts, sampling, replace(on, shared_distiller=True), overlap=False),
         "hf": lambda: run_hf(engine, prompts, sampling),
     }
     for mode in modes:  # warm-up, not recorded
         run[mode]()
     results: dict[str, list[dict[str, float]]] = {m: [] for m in modes}
     for rep in range(args.reps):
-        order = modes if rep % 2 == 0 else list(reversed(modes))
+        order = modes[rep % len(modes) :] + modes[: rep % len(modes)]  # each mode leads in turn
         for mode in order:
             results[mode].append(run[mode]())
         print(f"  {p}x{n} rep {rep + 1}/{args.reps}: "
               + ", ".join(f"{m} {results[m][-1]['tokens'] / results[m][-1]['seconds']:.1f} tok/s" for m in modes),
               flush=True)  # fmt: skip
     summary = {m: summarise(results[m]) for m in modes}
-    paired_on_off = [
-        (on["tokens"] / on["seconds"]) / (off["tokens"] / off["seconds"])
-        for on, off in zip(results["on"], results["off"], strict=True)
-    ]
-    row: dict[str, Any] = {
-        "shape": f"{p}x{n}",
-        "modes": summary,
-        "ratio_on_off": summary["on"]["median_tokens_per_s"] / summary["off"]["median_tokens_per_s"],
-        "paired_ratio_on_off_median": statistics.median(paired_on_off),
-        "raw": results,
-    }
-    if "hf" in summary:
+    rate = lambda r: r["tokens"] / r["seconds"]  # noqa: E731
+    row: dict[str, Any] = {"shape": f"{p}x{n}", "modes": summary, "raw": results}
+    for mode in modes:
+        if mode == "off" or "off" not in summary:
+            continue
+        paired = [rate(a) / rate(b) for a, b in zip(results[mode], results["off"], strict=True)]
+        row[f"ratio_{mode}_off"] = summary[mode]["median_tokens_per_s"] / summary["off"]["median_tokens_per_s"]
+        row[f"paired_{mode}_off"] = {"median": statistics.median(paired), "min": min(paired), "max": max(paired)}
+    if "hf" in summary and "off" in summary:
         row["ratio_off_hf"] = summary["off"]["median_tokens_per_s"] / summary["hf"]["median_tokens_per_s"]
     return row
 
@@ -180,6 +221,8 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--top-k", type=int, default=50)
     parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--modes", nargs="+", choices=["off", "on", "overlap", "default", "width128", "shared", "hf"],
+                        default=["off", "on", "hf"])  # fmt: skip
     parser.add_argument("--no-hf", action="store_true", help="skip the HF generate comparison")
     parser.add_argument("--memory", action="store_true", help="also measure peak RSS per mode (subprocesses)")
     parser.add_argument("--out", type=Path, default=OUT / "throughput.json")
@@ -213,14 +256,19 @@ def main() -> None:
         "peak_rss_mb": memory,
     }
     atomic_write_json(args.out, result)
-    print("\n| shape | off tok/s | ESamp tok/s | on/off (median) | paired on/off | Distiller share | off/HF |")
-    print("|---|---|---|---|---|---|---|")
+    others = [m for m in args.modes if m not in ("off", "hf")]
+    print("\n| shape | off tok/s | " + " | ".join(f"{m} tok/s | {m}/off (paired median [min-max]) | {m} Distiller share"
+                                         for m in others) + " | off/HF |")  # fmt: skip
+    print("|---|---|" + "---|---|---|" * len(others) + "---|")
     for r in rows:
         m = r["modes"]
-        hf = f"{r['ratio_off_hf']:.3f}" if "ratio_off_hf" in r else "-"
-        print(f"| {r['shape']} | {m['off']['median_tokens_per_s']:.1f} | {m['on']['median_tokens_per_s']:.1f} | "
-              f"{r['ratio_on_off']:.3f} | {r['paired_ratio_on_off_median']:.3f} | "
-              f"{m['on']['median_distiller_share']:.3f} | {hf} |")  # fmt: skip
+        cells = [r["shape"], f"{m['off']['median_tokens_per_s']:.1f}"]
+        for mode in others:
+            pr = r[f"paired_{mode}_off"]
+            cells += [f"{m[mode]['median_tokens_per_s']:.1f}", f"{pr['median']:.3f} [{pr['min']:.3f}-{pr['max']:.3f}]",
+                      f"{m[mode]['median_distiller_share']:.3f}"]  # fmt: skip
+        cells.append(f"{r['ratio_off_hf']:.3f}" if "ratio_off_hf" in r else "-")
+        print("| " + " | ".join(cells) + " |")
     if memory:
         off, on = memory["off"], memory["on"]
         print(f"\nRSS during generation at {memory['shape']}: "

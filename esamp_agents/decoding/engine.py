@@ -95,6 +95,11 @@ class ESampEngine:
     >>> sampling, esamp = SamplingParams(n=4, max_new_tokens=8), ESampParams(beta=0.25)
     >>> out = engine.generate(["2 + 2 ="], sampling, esamp)  # doctest: +SKIP
     >>> [c.text for c in out[0].candidates]  # doctest: +SKIP
+
+    ``overlap_distiller``: run each Distiller update beside the model's next forward (a side CUDA
+    stream; a worker thread on the CPU) instead of before it. The tokens are the same either way;
+    None picks per device (:data:`OVERLAP_BY_DEFAULT`: on for CUDA, off for the CPU, where two
+    cores gain nothing dependable from it: BENCHMARKS.md section 14).
     """
 
     def __init__(

@@ -264,3 +264,28 @@ def test_on_token_reports_every_token_with_its_logprob_as_drawn(engine: ESampEng
         assert [t for t, _, _ in got] == c.token_ids
         assert [lp for _, lp, _ in got] == pytest.approx(c.logprobs, abs=1e-6)
         assert [top for _, _, top in got] == [[(i, pytest.approx(v, abs=1e-6)) for i, v in t] for t in c.top_logprobs]
+
+
+def test_overlapped_distiller_updates_sample_the_same_candidates(engine: ESampEngine, embedded) -> None:
+    """The update beside the next forward (a worker thread here, a side stream on CUDA) trains on the
+    same rows and is waited for before the next prediction: same tokens, novelty and losses."""
+    prompts = [
+        embedded.chat_token_ids([{"role": "user", "content": "What is 17 * 23? Think step by step."}]),
+        embedded.chat_token_ids([{"role": "user", "content": "Name two colours."}]),
+    ]
+    sp = SamplingParams(n=3, max_new_tokens=16, seed=3)
+    before = engine.overlap_distiller
+    try:
+        runs = {}
+        for overlap in (False, True):
+            engine.overlap_distiller = overlap
+            runs[overlap] = engine.generate(prompts, sp, ESampParams(beta=0.25))
+    finally:
+        engine.overlap_distiller = before
+    assert _outputs(runs[True]) == _outputs(runs[False])
+    assert runs[True][0].distiller_loss  # ESamp really ran
+
+
+def test_overlap_setting_is_checked() -> None:
+    with pytest.raises(TypeError, match="overlap_distiller='yes' must be True, False or None"):
+        ESampEngine("embedded", overlap_distiller="yes")  # type: ignore[arg-type]
