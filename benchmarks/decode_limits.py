@@ -37,7 +37,7 @@ from esamp_agents import ESampParams, SamplingParams, load_model
 from esamp_agents.atomic import atomic_write_json
 from esamp_agents.decoding.distiller import BatchedDistiller
 from esamp_agents.decoding.engine import ESampEngine
-from esamp_agents.evaluation.tasks import extract_answer, generate_problems, grade
+from esamp_agents.evaluation.tasks import answers_match, extract_answer, generate_problems, grade
 
 OUT = Path(__file__).resolve().parent / "out"
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -175,7 +175,7 @@ def accuracy(engine: ESampEngine, problems: int, n: int, tokens: int) -> dict[st
         per_sample += [grade(problem, t) for t in texts]
         answers = [a for a in (extract_answer(t) for t in texts) if a is not None]
         top = Counter(answers).most_common(1)
-        majority.append(bool(top) and grade(problem, str(top[0][0])))
+        majority.append(bool(top) and answers_match(top[0][0], problem.answer))
         greedy_ok.append(grade(problem, g.candidates[0].text))
     return {
         "problems": problems,

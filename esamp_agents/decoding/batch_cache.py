@@ -15,6 +15,7 @@ such a model's calls one at a time.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -83,4 +84,28 @@ def merged_mask(masks: Sequence[tuple[torch.Tensor, int]], width: int, capacity:
     return out
 
 
-__all__ = ["Block", "merge", "mergeable", "merged_mask"]
+def repeat_cache_rows(cache: Any, n: int) -> None:
+    """Repeat every prompt's cached keys/values N times (prompt-major rows), so the
+    prompt is prefilled once, not N times. Static layers have no such method yet."""
+    if not isinstance(cache, StaticCache):
+        cache.batch_repeat_interleave(n)
+        return
+    for layer in cache.layers:
+        if getattr(layer, "is_initialized", False):
+            layer.keys = layer.keys.repeat_interleave(n, dim=0)
+            layer.values = layer.values.repeat_interleave(n, dim=0)
+            layer.batch_size = layer.keys.shape[0]
+
+
+def cache_argument(model: Any) -> str:
+    """The name a model's forward takes its KV cache by: recent transformers (5.24 here) renamed
+    ``past_key_values`` to ``cache`` and warn on the old name (removed in 5.40); older releases
+    only know the old one, so the range in pyproject.toml stays as it is."""
+    try:
+        parameters = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover - an uninspectable forward
+        return "past_key_values"
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+__all__ = ["Block", "cache_argument", "merge", "mergeable", "merged_mask", "repeat_cache_rows"]

@@ -91,6 +91,7 @@ class BatchedDistiller:
         self._pending: PendingUpdate | None = None
         # an update started on the side lane: (its future or CUDA stream, the inputs it reads)
         self._running: tuple[Future[None] | Any, PendingUpdate] | None = None
+        self._stream: Any = None  # the side CUDA stream, created on the first overlapped update
 
     def _make_optimizer(self, lr: float) -> torch.optim.Optimizer:
         kind = {"fused": True} if self.weights[0].device.type in ("cpu", "cuda") else {"foreach": True}
@@ -118,7 +119,9 @@ class BatchedDistiller:
         else:
             torch.cuda.current_stream(self.weights[0].device).wait_stream(lane)
 
-    def _forward(self, x: torch.Tensor, activations: list[tuple[torch.Tensor, ...]] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, activations: list[tuple[torch.Tensor, ...]] | None = None) -> torch.Tensor:
+        """``x`` [P, R, d] float32 -> predicted h_L [P, R, d]; ``activations`` collects what the
+        gradients need, one tuple per block."""
         for b in range(NUM_BLOCKS):
             w_gate, w_up, w_down = self.weights[3 * b : 3 * b + 3]
             gate, up = torch.bmm(x, w_gate), torch.bmm(x, w_up)
@@ -128,10 +131,6 @@ class BatchedDistiller:
                 activations.append((x, gate, up, act, mixed))
             x = torch.baddbmm(x, mixed, w_down)  # x + mixed @ w_down
         return x
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` [P, R, d] float32 -> predicted h_L [P, R, d]."""
-        return self._forward(x)
 
     def predict_and_loss(
         self, h1: torch.Tensor, target: torch.Tensor, live: torch.Tensor
@@ -144,7 +143,7 @@ class BatchedDistiller:
         """
         self.wait()
         activations: list[tuple[torch.Tensor, ...]] = []
-        pred = self._forward(h1, activations)
+        pred = self.forward(h1, activations)
         diff = target - pred
         sq_err = diff.pow(2).sum(-1)  # [P, R]
         live_f = live.to(sq_err.dtype)
@@ -204,21 +203,26 @@ class BatchedDistiller:
     def step(self) -> None:
         """Gradients of the last forward's summed per-prompt losses, per-prompt clipping, one Adam
         step (with ``overlap``: started on the side lane; the next prediction waits for it)."""
-        pending, self._pending = self._pending, None
-        if pending is None:
-            raise RuntimeError("BatchedDistiller.step() needs a predict_and_loss() first")
+        pending = self._take_pending()
         self.wait()
         if not self.overlap:
             self._update(pending)
         elif self.weights[0].device.type == "cuda":
             device = self.weights[0].device
-            stream = self.__dict__.setdefault("_stream", torch.cuda.Stream(device))
-            stream.wait_stream(torch.cuda.current_stream(device))  # the forward's outputs are ready
-            with torch.cuda.stream(stream):
+            if self._stream is None:
+                self._stream = torch.cuda.Stream(device)
+            self._stream.wait_stream(torch.cuda.current_stream(device))  # the forward's outputs are ready
+            with torch.cuda.stream(self._stream):
                 self._update(pending)
-            self._running = (stream, pending)
+            self._running = (self._stream, pending)
         else:
             self._running = (_worker().submit(self._update, pending), pending)
+
+    def _take_pending(self) -> PendingUpdate:
+        pending, self._pending = self._pending, None
+        if pending is None:
+            raise RuntimeError("BatchedDistiller.step() needs a predict_and_loss() first")
+        return pending
 
     def _update(self, pending: PendingUpdate) -> None:
         self._write_clipped_grads(pending)
@@ -232,7 +236,5 @@ class BatchedDistiller:
         optimizer, self.optimizer = self.optimizer, self._make_optimizer(lr)
         for _ in range(steps):
             self.predict_and_loss(h1, target, mask)
-            pending, self._pending = self._pending, None
-            assert pending is not None
-            self._update(pending)  # in order: each step needs the last one's weights anyway
+            self._update(self._take_pending())  # in order: each step needs the last one's weights anyway
         self.optimizer = optimizer

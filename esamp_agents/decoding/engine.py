@@ -17,7 +17,6 @@ host launches the next step.
 
 from __future__ import annotations
 
-import inspect
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -29,6 +28,7 @@ from transformers import StaticCache
 
 from esamp_agents.constrained.grammar import Grammar
 from esamp_agents.constrained.rows import row_constraints
+from esamp_agents.decoding.batch_cache import cache_argument, repeat_cache_rows
 from esamp_agents.decoding.distiller import BatchedDistiller
 from esamp_agents.decoding.loading import LoadedModel, load_model
 from esamp_agents.decoding.observers import DecodeObserver
@@ -61,30 +61,6 @@ _SHARED_LOCK = threading.Lock()
 # thread on the CPU) by default, per device type; the tokens are the same either way
 # (BENCHMARKS.md section 14 measured the CPU choice).
 OVERLAP_BY_DEFAULT = {"cuda": True, "cpu": False}
-
-
-def _repeat_cache_rows(cache: Any, n: int) -> None:
-    """Repeat every prompt's cached keys/values N times (prompt-major rows), so the
-    prompt is prefilled once, not N times. Static layers have no such method yet."""
-    if not isinstance(cache, StaticCache):
-        cache.batch_repeat_interleave(n)
-        return
-    for layer in cache.layers:
-        if getattr(layer, "is_initialized", False):
-            layer.keys = layer.keys.repeat_interleave(n, dim=0)
-            layer.values = layer.values.repeat_interleave(n, dim=0)
-            layer.batch_size = layer.keys.shape[0]
-
-
-def _cache_argument(model: Any) -> str:
-    """The name a model's forward takes its KV cache by: recent transformers (5.24 here) renamed
-    ``past_key_values`` to ``cache`` and warn on the old name (removed in 5.40); older releases
-    only know the old one, so the range in pyproject.toml stays as it is."""
-    try:
-        parameters = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):  # pragma: no cover - an uninspectable forward
-        return "past_key_values"
-    return "cache" if "cache" in parameters else "past_key_values"
 
 
 class ESampEngine:
@@ -125,7 +101,7 @@ class ESampEngine:
         self._head_weight: torch.Tensor = head.weight
         self._head_bias: torch.Tensor | None = getattr(head, "bias", None)
         self._softcap: float | None = getattr(self.loaded.config, "final_logit_softcapping", None)
-        self._cache_name = _cache_argument(self._base)
+        self._cache_name = cache_argument(self._base)
         self._live_check_every: int | None = None  # None: every step on the CPU, LIVE_CHECK_EVERY elsewhere
         if overlap_distiller is None:
             overlap_distiller = OVERLAP_BY_DEFAULT.get(self.loaded.device.type, False)
@@ -425,7 +401,7 @@ class ESampEngine:
 
         hidden = {i: hidden_states[i][:, -1].repeat_interleave(n, 0) for i in taps}
         if n > 1:
-            _repeat_cache_rows(cache, n)
+            repeat_cache_rows(cache, n)
         del hidden_states
         return DecodeState(
             requests=[Request(i, ids, range(i * n, (i + 1) * n)) for i, ids in enumerate(encoded)],
