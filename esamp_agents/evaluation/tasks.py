@@ -110,6 +110,60 @@ _WORD_FAMILIES: dict[str, tuple[tuple[str, ...], Callable[[int, int], int]]] = {
     ),
 }
 
+# Unit conversions: (factor, phrasings of "a big units in small ones", phrasings of the reverse).
+# Factors are never single-digit, so no conversion computes a single-digit arithmetic fact.
+_UNIT_FAMILIES: dict[str, tuple[int, tuple[str, ...], tuple[str, ...]]] = {
+    "m_cm": (
+        100,
+        ("How many centimeters are in {a} meters?", "Convert {a} meters to centimeters.",
+         "A rope is {a} meters long. How long is it in centimeters?"),
+        ("How many meters are {a} centimeters?", "Convert {a} centimeters to meters.",
+         "A ribbon is {a} centimeters long. How many meters is that?"),
+    ),
+    "h_min": (
+        60,
+        ("How many minutes are in {a} hours?", "Convert {a} hours to minutes.",
+         "A trip takes {a} hours. How many minutes is that?"),
+        ("How many hours are {a} minutes?", "Convert {a} minutes to hours.",
+         "A movie marathon lasts {a} minutes. How many hours is that?"),
+    ),
+    "kg_g": (
+        1000,
+        ("How many grams are in {a} kilograms?", "Convert {a} kilograms to grams.",
+         "A bag of rice weighs {a} kilograms. How many grams is that?"),
+        ("How many kilograms are {a} grams?", "Convert {a} grams to kilograms.",
+         "A parcel weighs {a} grams. How many kilograms is that?"),
+    ),
+    "ft_in": (
+        12,
+        ("How many inches are in {a} feet?", "Convert {a} feet to inches.",
+         "A board is {a} feet long. How long is it in inches?"),
+        ("How many feet are {a} inches?", "Convert {a} inches to feet.",
+         "A shelf is {a} inches wide. How many feet is that?"),
+    ),
+    "day_h": (
+        24,
+        ("How many hours are in {a} days?", "Convert {a} days to hours.",
+         "A holiday lasts {a} days. How many hours is that?"),
+        ("How many days are {a} hours?", "Convert {a} hours to days.",
+         "A journey lasts {a} hours. How many days is that?"),
+    ),
+}  # fmt: skip
+
+# Comparisons of two two-digit numbers: the answer is the larger ("max") or the smaller ("min").
+_COMPARE_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "max": (
+        "Which number is larger, {a} or {b}?",
+        "What is the larger of {a} and {b}?",
+        "Which is bigger: {a} or {b}?",
+    ),
+    "min": (
+        "Which number is smaller, {a} or {b}?",
+        "What is the smaller of {a} and {b}?",
+        "Which is less: {a} or {b}?",
+    ),
+}
+
 TASK_NAMES: tuple[str, ...] = (
     "single_digit",
     "single_digit_add",
@@ -117,6 +171,8 @@ TASK_NAMES: tuple[str, ...] = (
     "single_digit_sub",
     "two_digit_addsub",
     "word_problems",
+    "unit_conversions",
+    "comparisons",
 )
 
 
@@ -153,6 +209,28 @@ def _word_items() -> list[_Item]:
     return items
 
 
+def _unit_items() -> list[_Item]:
+    """Both directions of every conversion for 2..12 big units (keys ``m_cm:7`` and ``cm_m:700``)."""
+    items = []
+    for name, (factor, forward, reverse) in _UNIT_FAMILIES.items():
+        big, small = name.split("_")
+        for n in range(2, 13):
+            items.append(_Item(f"{big}_{small}:{n}", n * factor, forward, n, 0))
+            items.append(_Item(f"{small}_{big}:{n * factor}", n, reverse, n * factor, 0))
+    return items
+
+
+def _compare_items() -> list[_Item]:
+    """Larger and smaller of distinct two-digit pairs on a fixed grid (keys ``max:47,52``)."""
+    items = []
+    for which, templates in _COMPARE_TEMPLATES.items():
+        for a in range(12, 99, 7):
+            for b in range(13, 99, 6):
+                if a != b:
+                    items.append(_Item(f"{which}:{a},{b}", max(a, b) if which == "max" else min(a, b), templates, a, b))
+    return items
+
+
 def _task_items(task: str) -> list[_Item]:
     if task == "single_digit":
         return _arith_items("+*", 1, 9)
@@ -166,6 +244,10 @@ def _task_items(task: str) -> list[_Item]:
         return _arith_items("+-", 10, 99)
     if task == "word_problems":
         return _word_items()
+    if task == "unit_conversions":
+        return _unit_items()
+    if task == "comparisons":
+        return _compare_items()
     raise ValueError(f"task={task!r} is unknown; allowed: {', '.join(TASK_NAMES)}")
 
 

@@ -40,8 +40,26 @@ def _all(task: str, split: str = "all") -> list[Problem]:
     return generate_problems(task, tasks.available_problems(task, split), seed=0, split=split)
 
 
+UNIT_FACTORS = {"m_cm": 100, "h_min": 60, "kg_g": 1000, "ft_in": 12, "day_h": 24}
+
+
 def _expected(p: Problem) -> int:
     """The answer computed from the key alone, independently of the generator."""
+    if p.task == "unit_conversions":
+        pair, number = p.key.split(":")
+        big, small = pair.split("_")
+        assert number in p.question
+        if f"{big}_{small}" in UNIT_FACTORS:
+            return int(number) * UNIT_FACTORS[f"{big}_{small}"]
+        factor = UNIT_FACTORS[f"{small}_{big}"]
+        assert int(number) % factor == 0
+        return int(number) // factor
+    if p.task == "comparisons":
+        which, numbers = p.key.split(":")
+        a, b = map(int, numbers.split(","))
+        assert a != b and str(a) in p.question and str(b) in p.question
+        assert ("larg" in p.question or "bigger" in p.question) == (which == "max")
+        return {"max": max, "min": min}[which](a, b)
     if p.task == "word_problems":
         family, numbers = p.key.split(":")
         a, b = map(int, numbers.split(","))
@@ -73,7 +91,8 @@ def test_generated_answers_are_right_and_in_range(task):
             assert 1 <= int(m.group(1)) <= 9 and 1 <= int(m.group(2)) <= 9
         elif task == "two_digit_addsub":
             assert 10 <= int(m.group(1)) <= 99 and 10 <= int(m.group(2)) <= 99
-    ops = {re.sub(r"\d", "", p.key) for p in problems} if task != "word_problems" else None
+    keyed_by_operator = task.startswith("single_digit") or task == "two_digit_addsub"
+    ops = {re.sub(r"\d", "", p.key) for p in problems} if keyed_by_operator else None
     expected_ops = {
         "single_digit": {"+", "*"},
         "single_digit_add": {"+"},
@@ -81,6 +100,8 @@ def test_generated_answers_are_right_and_in_range(task):
         "single_digit_sub": {"-"},
         "two_digit_addsub": {"+", "-"},
         "word_problems": None,
+        "unit_conversions": None,
+        "comparisons": None,
     }[task]
     assert ops == expected_ops
 
