@@ -34,7 +34,7 @@ from esamp_agents.decoding.loading import LoadedModel, load_model
 from esamp_agents.decoding.observers import DecodeObserver
 from esamp_agents.decoding.params import DEFAULT_MAX_BATCH_ROWS, ESampParams, SamplingParams
 from esamp_agents.decoding.results import GenerationResult, GenerationStats
-from esamp_agents.decoding.sampling import Candidates, filter_candidates, sample_positions
+from esamp_agents.decoding.sampling import Candidates, filter_candidates, log_normaliser, sample_positions
 from esamp_agents.decoding.scheduler import BatchScheduler
 from esamp_agents.decoding.state import (
     DecodeJob,
@@ -44,6 +44,7 @@ from esamp_agents.decoding.state import (
     RowConstraint,
     TextCallback,
     TokenCallback,
+    Workspace,
 )
 from esamp_agents.decoding.streaming import StreamEvent, stream_events
 from esamp_agents.decoding.text_tracking import TextTracker, host_text_step
@@ -169,9 +170,18 @@ class ESampEngine:
                     )
 
     # ------------------------------------------------------------------ logits
-    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Final hidden [rows, d] -> LM-head logits [rows, vocab] in float32, before any soft cap."""
-        return F.linear(hidden, self._head_weight, self._head_bias).float()
+    def _logits(self, hidden: torch.Tensor, workspace: Workspace | None = None) -> torch.Tensor:
+        """Final hidden [rows, d] -> LM-head logits [rows, vocab] in float32, before any soft cap.
+
+        ``workspace``: float32 weights write into its ``logits`` buffer (the same matmul, no fresh
+        [rows, vocab] tensor per step); other dtypes convert into a fresh float32 tensor."""
+        weight, bias = self._head_weight, self._head_bias
+        if workspace is None or weight.dtype != torch.float32 or hidden.dtype != torch.float32:
+            return F.linear(hidden, weight, bias).float()
+        out = workspace.get("logits", (hidden.shape[0], weight.shape[0]), torch.float32, hidden.device)
+        if bias is None:
+            return torch.mm(hidden, weight.t(), out=out)
+        return torch.addmm(bias, hidden, weight.t(), out=out)
 
     def _cap(self, logits: torch.Tensor) -> torch.Tensor:
         if self._softcap:
@@ -449,7 +459,7 @@ class ESampEngine:
         The logprobs are read from the model's logits (before any constraint, as before any filter)."""
         h_final = state.hidden[self.loaded.num_layers]
         if raw_logits is None:
-            raw_logits = self._logits(h_final)
+            raw_logits = self._logits(h_final, state.workspace)
         model_logits = logits = self._cap(raw_logits)
         for constraint in state.constraints:  # before the filters: fusion only touches finite survivors
             logits = constraint.apply(logits)
@@ -505,7 +515,7 @@ class ESampEngine:
     ) -> None:
         """Keep the step's outputs (on the device), tell the observers, train the Distiller one step."""
         record = state.record
-        log_z = torch.logsumexp(logits, dim=-1, keepdim=True)
+        log_z = log_normaliser(logits, state.workspace.get("exp", tuple(logits.shape), logits.dtype, logits.device))
         record.logprobs.append((logits.gather(-1, tokens.unsqueeze(-1)) - log_z).squeeze(-1))
         if sampling.top_logprobs:
             top_values, top_ids = logits.topk(sampling.top_logprobs, dim=-1)

@@ -51,17 +51,30 @@ def min_p_mask(scores: torch.Tensor, min_p: float) -> torch.Tensor:
 
 def filter_candidates(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, min_p: float) -> Candidates:
     """Apply temperature, top-k, top-p and min-p to ``[rows, vocab]`` float32 logits."""
-    scores = logits / temperature if temperature != 1.0 else logits
     ids: torch.Tensor | None = None
-    if 0 < top_k < scores.shape[-1]:
+    if 0 < top_k < logits.shape[-1]:
         # HF keeps every token tied with the k-th score; ties of float logits at the
-        # boundary are vanishingly rare and this keeps exactly k.
-        scores, ids = torch.topk(scores, top_k, dim=-1)
+        # boundary are vanishingly rare and this keeps exactly k. The k survivors are
+        # tempered after the top-k (the same values, without a [rows, vocab] copy).
+        scores, ids = torch.topk(logits, top_k, dim=-1)
+        if temperature != 1.0:
+            scores = scores / temperature
+    else:
+        scores = logits / temperature if temperature != 1.0 else logits
     if top_p < 1.0:
         scores = scores.masked_fill(top_p_mask(scores, top_p), NEG_INF)
     if min_p > 0.0:
         scores = scores.masked_fill(min_p_mask(scores, min_p), NEG_INF)
     return Candidates(ids=ids, scores=scores)
+
+
+def log_normaliser(logits: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """``logsumexp(logits, -1, keepdim=True)`` computed as torch computes it (shifted by the row
+    maximum), with the ``[rows, vocab]`` exponentials written into ``scratch`` (same shape)."""
+    maxes = logits.amax(-1, keepdim=True)
+    maxes = maxes.masked_fill(maxes.abs() == float("inf"), 0.0)
+    torch.sub(logits, maxes, out=scratch).exp_()
+    return scratch.sum(-1, keepdim=True).log_().add_(maxes)
 
 
 def sample_positions(scores: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

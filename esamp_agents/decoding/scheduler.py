@@ -40,7 +40,7 @@ import torch
 from esamp_agents.decoding.batch_cache import Block, merge, mergeable, merged_mask
 from esamp_agents.decoding.params import DEFAULT_MAX_BATCH_ROWS
 from esamp_agents.decoding.results import GenerationResult
-from esamp_agents.decoding.state import DecodeJob
+from esamp_agents.decoding.state import DecodeJob, Workspace
 
 if TYPE_CHECKING:
     from esamp_agents.decoding.engine import ESampEngine
@@ -76,6 +76,7 @@ class _Batch:
 
     def __init__(self, engine: ESampEngine) -> None:
         self.engine = engine
+        self.workspace = Workspace()  # the merged logits' buffer, kept across resets
         self.reset()
 
     def reset(self) -> None:
@@ -165,7 +166,7 @@ class _Batch:
             self.cache,
         )
         final = engine.loaded.num_layers
-        self.raw_logits = engine._logits(hidden_states[final][:, -1])
+        self.raw_logits = engine._logits(hidden_states[final][:, -1], self.workspace)
         for t in self.tickets:
             state = t.job.state
             assert state is not None

@@ -53,6 +53,24 @@ class RowConstraint(Protocol):
         """Consume this step's tokens; return ``[rows]`` bool of rows that are now complete, or None."""
 
 
+class Workspace:
+    """Tensors reused from step to step, by name. A fresh multi-MB tensor each step (the
+    ``[rows, vocab]`` logits and their exponentials) is a fresh mapping on the CPU: the
+    allocator returns large blocks to the OS when they are freed, so every step paid one
+    page fault per 4 KB it wrote (1.1 M faults in a 16 x 16 decode of 32 tokens)."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The buffer ``name`` (uninitialised), reallocated only when its shape, dtype or device changes."""
+        buf = self._buffers.get(name)
+        if buf is None or tuple(buf.shape) != shape or buf.dtype != dtype or buf.device != device:
+            buf = torch.empty(shape, dtype=dtype, device=device)
+            self._buffers[name] = buf
+        return buf
+
+
 @dataclass
 class Request:
     """One prompt and the batch rows that sample its candidates (``rows[s]`` is sample ``s``)."""
@@ -103,6 +121,7 @@ class DecodeState:
     host_live: list[bool] | None = None
     constraints: tuple[RowConstraint, ...] = ()
     record: StepRecord = field(default_factory=StepRecord)
+    workspace: Workspace = field(default_factory=Workspace)
     step: int = 0
     prefill_seconds: float = 0.0
     distiller_seconds: float = 0.0
@@ -242,4 +261,5 @@ __all__ = [
     "StepRecord",
     "TextCallback",
     "TokenCallback",
+    "Workspace",
 ]

@@ -12,7 +12,8 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from esamp_agents.decoding.sampling import filter_candidates, sample_positions
+from esamp_agents.decoding.sampling import filter_candidates, log_normaliser, sample_positions
+from esamp_agents.decoding.state import Workspace
 from esamp_agents.decoding.text_tracking import cut_at_stop
 
 
@@ -71,6 +72,32 @@ def test_same_seed_same_draws() -> None:
     a = sample_positions(scores, torch.Generator().manual_seed(5))
     b = sample_positions(scores, torch.Generator().manual_seed(5))
     assert torch.equal(a, b)
+
+
+def test_top_k_tempers_only_the_survivors_with_the_same_values() -> None:
+    logits = torch.randn(6, 500, generator=torch.Generator().manual_seed(3)) * 4
+    cands = filter_candidates(logits, 0.7, 50, 1.0, 0.0)
+    values, ids = torch.topk(logits / 0.7, 50, dim=-1)
+    assert torch.equal(cands.ids, ids)
+    assert torch.equal(cands.scores, values)
+
+
+def test_log_normaliser_is_torch_logsumexp_bit_for_bit() -> None:
+    logits = torch.randn(5, 49152, generator=torch.Generator().manual_seed(0)) * 8
+    logits[1, 100:] = float("-inf")  # a constrained row
+    logits[2] = float("-inf")  # nothing allowed: logsumexp is -inf, not nan
+    scratch = torch.empty_like(logits)
+    got = log_normaliser(logits, scratch)
+    assert torch.equal(got, torch.logsumexp(logits, dim=-1, keepdim=True))
+
+
+def test_workspace_reuses_a_buffer_until_its_shape_changes() -> None:
+    ws = Workspace()
+    a = ws.get("logits", (4, 10), torch.float32, torch.device("cpu"))
+    assert ws.get("logits", (4, 10), torch.float32, torch.device("cpu")).data_ptr() == a.data_ptr()
+    b = ws.get("logits", (8, 10), torch.float32, torch.device("cpu"))
+    assert b.shape == (8, 10) and ws.get("logits", (8, 10), torch.float32, torch.device("cpu")) is b
+    assert ws.get("logits", (8, 10), torch.float64, torch.device("cpu")).dtype == torch.float64
 
 
 def test_cut_at_stop_takes_the_earliest() -> None:
