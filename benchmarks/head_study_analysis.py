@@ -1,0 +1,330 @@
+"""The ``analyse`` stage of ``benchmarks/head_study.py``: heads, ablations, transfer (#20).
+
+Everything is read from the features stored by ``collect``; no model runs. Every-2nd-layer
+columns (a superset of every layer set tried) are read once into memory; each head selects
+its columns from them.
+
+Model selection never looks at a test set: 20% of the training problems (by a stable hash of
+the fact, so no fact straddles) form a fixed validation set that no head trains on; configs
+are ranked by Best-of-N on it (argmax of 8 candidates). ``fit`` early-stops on its own
+seeded split of the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from benchmarks.head_study import CONDITIONS, SECTION1_FAMILY, TRAIN_FAMILIES
+from benchmarks.logprob_reward import paired
+from esamp_agents.atomic import atomic_write_json
+from esamp_agents.evaluation.selectors import Group, best_of_n, unbiased_pass_at_k
+from esamp_agents.evaluation.tasks import answers_match
+from esamp_agents.hidden_reward.collect import read_manifest, read_records
+from esamp_agents.hidden_reward.head import FeatureSpec, GatedLinearHead, load_head, save_head
+from esamp_agents.hidden_reward.reward import shipped_head_path
+from esamp_agents.hidden_reward.training import Example, fit, score_examples
+
+KS = [1, 2, 4, 8, 16]
+DRAWS = 32
+VAL_FRACTION = 0.2
+CACHED_LAYERS = list(range(0, 31, 2))  # every 2nd hidden state, 0 = embeddings .. 30 = final norm
+LAYER_SETS: dict[str, list[int]] = {
+    "every4": [4, 8, 12, 16, 20, 24, 28, 30],  # the shipped head's set
+    "every2": CACHED_LAYERS,
+    "final": [30],
+}
+
+
+@dataclass
+class Candidates:
+    """One collected set: its records and every-2nd-layer token features (float16 views)."""
+
+    records: list[dict[str, Any]]
+    features: list[torch.Tensor]
+    family: list[str] = field(default_factory=list)
+    condition: list[str] = field(default_factory=list)
+
+
+def read_set(folder: Path, family: str, condition: str) -> Candidates:
+    """Records and the cached columns of ``folder``, one shard at a time."""
+    from safetensors import safe_open
+
+    manifest = read_manifest(folder)
+    spec = FeatureSpec.from_dict(manifest["spec"])
+    d = spec.hidden_size
+    positions = {layer: i for i, layer in enumerate(spec.layers)}
+    cols = torch.cat([torch.arange(positions[layer] * d, (positions[layer] + 1) * d) for layer in CACHED_LAYERS])
+    records = read_records(folder)
+    feats: list[torch.Tensor | None] = [None] * len(records)
+    by_shard: dict[str, list[int]] = {}
+    for i, r in enumerate(records):
+        by_shard.setdefault(r["shard"], []).append(i)
+    for shard, idx in by_shard.items():
+        with safe_open(str(folder / shard), framework="pt", device="cpu") as f:
+            part = f.get_tensor("features").index_select(1, cols)
+        for i in idx:
+            feats[i] = part[records[i]["offset"] : records[i]["offset"] + records[i]["length"]]
+    return Candidates(records, [f for f in feats if f is not None], [family] * len(records), [condition] * len(records))
+
+
+def in_validation(record: dict[str, Any]) -> bool:
+    digest = hashlib.sha256(f"val:{record['task']}:{record['key']}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < VAL_FRACTION
+
+
+def column_index(layers: list[int], d: int) -> torch.Tensor:
+    pos = {layer: i for i, layer in enumerate(CACHED_LAYERS)}
+    return torch.cat([torch.arange(pos[layer] * d, (pos[layer] + 1) * d) for layer in layers])
+
+
+def head_spec(manifest: dict[str, Any], layers: list[int]) -> FeatureSpec:
+    stored = FeatureSpec.from_dict(manifest["spec"])
+    return FeatureSpec(kind="hidden", dim=len(layers) * stored.hidden_size, base_model=stored.base_model,
+                       hidden_size=stored.hidden_size, num_layers=stored.num_layers, layers=tuple(layers))  # fmt: skip
+
+
+def scores_of(head: GatedLinearHead, feats: list[torch.Tensor], d: int) -> list[float]:
+    idx = column_index(list(head.spec.layers), d)
+    out: list[float] = []
+    for start in range(0, len(feats), 64):
+        chunk = [f.index_select(1, idx) for f in feats[start : start + 64]]
+        out.extend(score_examples(head, chunk).tolist())
+    return out
+
+
+def groups_of(c: Candidates, scores: dict[str, list[float]]) -> list[Group]:
+    by_problem: dict[str, list[int]] = {}
+    for i, r in enumerate(c.records):
+        by_problem.setdefault(r["problem_id"], []).append(i)
+    return [
+        Group(
+            problem_id=pid,
+            correct=[bool(c.records[i]["correct"]) for i in idx],
+            answers=[c.records[i]["extracted"] for i in idx],
+            reference=c.records[idx[0]]["answer"],
+            scores={name: [v[i] for i in idx] for name, v in scores.items()},
+        )
+        for pid, idx in by_problem.items()
+    ]
+
+
+def mean_logprob(c: Candidates) -> list[float]:
+    return [sum(r["logprobs"]) / len(r["logprobs"]) if r["logprobs"] else float("-inf") for r in c.records]
+
+
+def val_bon(head: GatedLinearHead, val: Candidates, d: int) -> float:
+    """Argmax accuracy over each validation problem's candidates (all of them), mean over the
+    problems that have a correct candidate (the others cannot tell heads apart)."""
+    groups = [g for g in groups_of(val, {"h": scores_of(head, val.features, d)}) if any(g.correct)]
+    return float(np.mean([g.correct[int(np.argmax(g.scores["h"]))] for g in groups]))
+
+
+def fmt(r: dict[str, float]) -> str:
+    return f"{100 * r['mean']:.1f} [{100 * r['low']:.1f}, {100 * r['high']:.1f}]"
+
+
+def fmt_diff(r: dict[str, float]) -> str:
+    return f"{100 * r['mean']:+.1f} [{100 * r['low']:+.1f}, {100 * r['high']:+.1f}]"
+
+
+def analyse(args: argparse.Namespace) -> dict[str, Any]:
+    torch.manual_seed(0)
+    work: Path = args.work_dir
+    t0 = time.perf_counter()
+    manifest = read_manifest(work / "test" / "section1")
+    d = FeatureSpec.from_dict(manifest["spec"]).hidden_size
+
+    # ------------------------------------------------------------------ data
+    train_parts: list[Candidates] = []
+    for family in TRAIN_FAMILIES:
+        for cond in CONDITIONS:
+            folder = work / "train" / family / cond.name
+            if (folder / "manifest.json").exists():
+                train_parts.append(read_set(folder, family, cond.name))
+    pool = Candidates([], [], [], [])
+    for part in train_parts:
+        pool.records += part.records
+        pool.features += part.features
+        pool.family += part.family
+        pool.condition += part.condition
+    del train_parts
+    val_mask = [in_validation(r) for r in pool.records]
+    tests: dict[str, Candidates] = {}
+    for name in ["section1", "section1_esamp", *[f for f in TRAIN_FAMILIES if f != SECTION1_FAMILY]]:
+        folder = work / "test" / name
+        if (folder / "manifest.json").exists():
+            tests[name] = read_set(folder, name, "")
+    print(f"[analyse] read {len(pool.records)} training and {sum(len(c.records) for c in tests.values())} test "
+          f"candidates in {time.perf_counter() - t0:.0f} s", flush=True)  # fmt: skip
+
+    def subset(keep: list[bool]) -> Candidates:
+        idx = [i for i, k in enumerate(keep) if k]
+        return Candidates([pool.records[i] for i in idx], [pool.features[i] for i in idx],
+                          [pool.family[i] for i in idx], [pool.condition[i] for i in idx])  # fmt: skip
+
+    val = subset(val_mask)
+    fit_rows = [not v for v in val_mask]
+
+    def train(name: str, rows: list[bool], layers: list[int], **hyper: Any) -> GatedLinearHead | None:
+        data = subset([r and k for r, k in zip(rows, fit_rows, strict=True)])
+        if not data.records:
+            print(f"[train] {name}: no training data collected, skipped", flush=True)
+            return None
+        idx = column_index(layers, d)
+        examples = [Example(features=f.index_select(1, idx), label=bool(r["correct"]), group=r["problem_id"])
+                    for f, r in zip(data.features, data.records, strict=True) if f.shape[0] > 0]  # fmt: skip
+        t = time.perf_counter()
+        result = fit(examples, head_spec(manifest, layers), epochs=40, lr=1e-3, seed=0, **hyper)
+        head = result.head
+        del examples
+        head.training_summary["val_bon_external"] = val_bon(head, val, d)
+        info[name] = {"layers": layers, "hyper": hyper, "train_problems": len({r["problem_id"] for r in data.records}),
+                      "train_candidates": len(data.records), "seconds": time.perf_counter() - t,
+                      "best_epoch": result.summary["best_epoch"],
+                      "val_bon": head.training_summary["val_bon_external"]}  # fmt: skip
+        print(f"[train] {name}: {info[name]['train_problems']} problems, val BoN {100 * info[name]['val_bon']:.1f}, "
+              f"{info[name]['seconds']:.0f} s", flush=True)  # fmt: skip
+        return head
+
+    info: dict[str, Any] = {}
+    everything = [True] * len(pool.records)
+    heads: dict[str, GatedLinearHead] = {}
+
+    def add(name: str, head: GatedLinearHead | None, into: dict[str, GatedLinearHead] = heads) -> None:
+        if head is not None:
+            into[name] = head
+
+    # configurations, all on every family and condition; ranked on the validation set
+    add("every4", train("every4", everything, LAYER_SETS["every4"]))
+    add("every2", train("every2", everything, LAYER_SETS["every2"]))
+    w = heads["every2"].linear.weight.detach().reshape(2, len(CACHED_LAYERS), d).pow(2).sum((0, 2))
+    learned = sorted(CACHED_LAYERS[i] for i in w.topk(8).indices.tolist())
+    add("learned8", train("learned8", everything, learned))
+    add("final", train("final", everything, LAYER_SETS["final"]))
+    add("every4_nostd", train("every4_nostd", everything, LAYER_SETS["every4"], standardize=False))
+    add("every4_bt", train("every4_bt", everything, LAYER_SETS["every4"], loss="bradley_terry"))
+    add("every4_wd1e-1", train("every4_wd1e-1", everything, LAYER_SETS["every4"], weight_decay=1e-1))
+    configs = list(heads)
+    chosen = max(configs, key=lambda n: (info[n]["val_bon"], -len(info[n]["layers"])))
+    c_layers, c_hyper = info[chosen]["layers"], info[chosen]["hyper"]
+    print(f"[select] chosen on validation: {chosen}", flush=True)
+    # data ablations and transfer, with the chosen configuration
+    only_s1 = [f == SECTION1_FAMILY for f in pool.family]
+    add("single_digit_only", train("single_digit_only", only_s1, c_layers, **c_hyper))
+    add("plain_t07_only", train("plain_t07_only", [c == "plain_t07" for c in pool.condition], c_layers, **c_hyper))
+    add("esamp_t07_only", train("esamp_t07_only", [c == "esamp_t07" for c in pool.condition], c_layers, **c_hyper))
+    lofo: dict[str, GatedLinearHead] = {}
+    for family in TRAIN_FAMILIES:
+        add(family, train(f"without_{family}", [f != family for f in pool.family], c_layers, **c_hyper), lofo)
+    current = load_head(shipped_head_path())
+    assert isinstance(current, GatedLinearHead)
+
+    # ------------------------------------------------------------------ evaluate
+    def evaluate(test: Candidates, named: dict[str, GatedLinearHead], ks: list[int]) -> tuple[list[Group], dict]:
+        scores = {"mean_logprob": mean_logprob(test)} | {n: scores_of(h, test.features, d) for n, h in named.items()}
+        groups = groups_of(test, scores)
+        selectors = ["random", "majority", "argmax:mean_logprob", *[f"argmax:{n}" for n in named],
+                     *[f"vote:{n}" for n in named], *[f"zvote:{n}" for n in named], "oracle"]  # fmt: skip
+        return groups, best_of_n(groups, selectors, ks, matches=answers_match, draws=DRAWS, seed=0)
+
+    results: dict[str, Any] = {"heads": info, "chosen": chosen, "learned_layers": learned}
+    s1 = tests["section1"]
+    s1_named = {"current": current, **{n: heads[n] for n in heads}}
+    groups, bon = evaluate(s1, s1_named, KS)
+    results["section1"] = {
+        "problems": len(groups), "candidates": len(s1.records),
+        "per_sample_accuracy": float(np.mean([r["correct"] for r in s1.records])),
+        "pass_at_k": unbiased_pass_at_k(groups, KS), "best_of_n": bon,
+        "paired": {f"{k}": {
+            "chosen - current (argmax)": paired(groups, f"argmax:{chosen}", "argmax:current", k, DRAWS, 0),
+            "chosen - majority (argmax)": paired(groups, f"argmax:{chosen}", "majority", k, DRAWS, 0),
+            "chosen - current (zvote)": paired(groups, f"zvote:{chosen}", "zvote:current", k, DRAWS, 0),
+        } for k in (8, 16)},
+    }  # fmt: skip
+    atomic_write_json(work / "section1_scores.json", [
+        {"problem_id": g.problem_id, "correct": list(g.correct), "answers": list(g.answers), "reference": g.reference,
+         "scores": {k: list(v) for k, v in g.scores.items()}} for g in groups])  # fmt: skip
+
+    # leave one family out: the head trained without a family, on that family's test set
+    results["lofo"] = {}
+    for family, head in lofo.items():
+        test = s1 if family == SECTION1_FAMILY else tests.get(family)
+        if test is None:
+            continue
+        named = {"without": head, "with": heads[chosen], "current": current}
+        g, b = evaluate(test, named, [1, 4, 8])
+        results["lofo"][family] = {
+            "problems": len(g), "best_of_n_8": {s: b[s][8] for s in b},
+            "without - majority": paired(g, "argmax:without", "majority", 8, DRAWS, 0),
+            "zvote without - majority": paired(g, "zvote:without", "majority", 8, DRAWS, 0),
+            "without - current": paired(g, "argmax:without", "argmax:current", 8, DRAWS, 0),
+        }  # fmt: skip
+    # plain <-> ESamp candidates
+    results["transfer"] = {}
+    for name in ("section1", "section1_esamp"):
+        if name not in tests:
+            continue
+        named = {n: heads[n] for n in ("plain_t07_only", "esamp_t07_only", chosen) if n in heads}
+        named["current"] = current
+        k = 8
+        g, b = evaluate(tests[name], named, [1, k])
+        accuracy = float(np.mean([r["correct"] for r in tests[name].records]))
+        results["transfer"][name] = {"problems": len(g), "best_of_n_8": {s: b[s][k] for s in b},
+                                     "per_sample_accuracy": accuracy}  # fmt: skip
+    if args.save_head is not None:
+        save_head(heads[chosen], args.save_head)
+        print(f"[analyse] saved {chosen} to {args.save_head}", flush=True)
+    results.update({
+        "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
+        "train": {"candidates": len(pool.records), "problems": len({r["problem_id"] for r in pool.records}),
+                  "validation_problems": len({r["problem_id"] for r in val.records}),
+                  "by_family": {f: sum(1 for x in pool.family if x == f) for f in TRAIN_FAMILIES},
+                  "positive_rate": float(np.mean([r["correct"] for r in pool.records]))},
+        "seconds": time.perf_counter() - t0,
+    })  # fmt: skip
+    atomic_write_json(work / "results.json", results)
+    report(results)
+    return results
+
+
+def report(res: dict[str, Any]) -> None:
+    s1 = res["section1"]
+    print("\nsection 1 held-out, Best-of-N (%):")
+    print("| selector | " + " | ".join(f"N={k}" for k in KS) + " |")
+    for sel, r in s1["best_of_n"].items():
+        print(f"| {sel} | " + " | ".join(fmt(r[str(k)] if str(k) in r else r[k]) for k in KS) + " |")
+    for k, rows in s1["paired"].items():
+        for name, r in rows.items():
+            print(f"paired N={k} {name}: {fmt_diff(r)}")
+    print("\nheads (validation BoN, external):")
+    for n, i in res["heads"].items():
+        print(f"  {n}: {100 * i['val_bon']:.1f} ({i['train_problems']} problems, layers {i['layers']})")
+    print("\nleave one family out (BoN@8):")
+    for fam, r in res["lofo"].items():
+        b = r["best_of_n_8"]
+        print(f"  {fam}: without {fmt(b['argmax:without'])}, with {fmt(b['argmax:with'])}, current "
+              f"{fmt(b['argmax:current'])}, majority {fmt(b['majority'])}, oracle {fmt(b['oracle'])}; "
+              f"without - majority {fmt_diff(r['without - majority'])}")  # fmt: skip
+    print("\ntransfer (BoN@8):")
+    for name, r in res["transfer"].items():
+        print(f"  {name}: " + ", ".join(f"{s} {fmt(v)}" for s, v in r["best_of_n_8"].items() if s.startswith("argmax")))
+
+
+if __name__ == "__main__":
+    print(json.dumps({"error": "run benchmarks/head_study.py analyse"}))
