@@ -3,13 +3,16 @@
     python benchmarks/head_study.py collect            # all candidates (resumable; ~1 h on 2 cores)
     python benchmarks/head_study.py analyse            # heads, ablations, transfer; writes results.json
     python benchmarks/head_study.py collect --scale 0.02 --work-dir /tmp/hs   # smoke run
+    python benchmarks/head_study.py collect-more       # every single-digit train problem at plain T=0.7 x 8
+    python benchmarks/head_study.py analyse-more       # the shipped recipe on those alone
 
 Data (``collect``), every set written by :func:`esamp_agents.hidden_reward.collect.collect` with
 every layer's token features captured during the decode:
 
 - ``train/<family>/<condition>``: the train split of seven task families, each problem under one
   of four sampling conditions taken in turn (plain T=0.7, ESamp with the package defaults at
-  T=0.7, plain T=1.0, plain T=0.4), 8 candidates per problem. Problems whose computation is a
+  T=0.7, plain T=1.0, plain T=0.4); 8 candidates per problem for plain T=0.7, 4 for the others
+  (the 2-core budget: more problems rather than more candidates per problem). Problems whose computation is a
   single-digit fact held out by the section-1 test (e.g. "7 boxes of 5 pens" when 7*5 is a
   test fact) are left out of training in every family.
 - ``test/section1``: the section-1 held-out set (200 single-digit test problems x 16 plain
@@ -124,6 +127,26 @@ def test_sets(scale: float) -> dict[str, tuple[list[Problem], int, Condition]]:
     return sets
 
 
+def more_single_digit() -> list[Problem]:
+    """Every single-digit train problem not already sampled at plain T=0.7 (for ``collect-more``)."""
+    taken = {p.id for p in training_sets(1.0)[(SECTION1_FAMILY, CONDITIONS[0].name)]}
+    return [p for p in family_problems(SECTION1_FAMILY, 285, "train") if p.id not in taken]
+
+
+def collect_more(args: argparse.Namespace) -> None:
+    """The rest of the single-digit train split at plain T=0.7 x 8 (the section-1 condition)."""
+    loaded = load_model("embedded", device="cpu")
+    engine = ESampEngine(loaded)
+    problems = more_single_digit()[: max(1, round(225 * args.scale))]
+    cond = CONDITIONS[0]
+    sampling = SamplingParams(n=8, max_new_tokens=MAX_NEW_TOKENS, temperature=cond.temperature, seed=SEED,
+                              top_logprobs=TOP_K)  # fmt: skip
+    out = args.work_dir / "train" / SECTION1_FAMILY / "plain_t07_more"
+    summary = collect(engine, problems, out, sampling=sampling, esamp=cond.params(),
+                      spec=hidden_spec(loaded, "all"), prompts_per_call=16, progress=False)  # fmt: skip
+    print(f"[collect-more] {out.relative_to(args.work_dir)}: {len(problems)} x 8 {summary}", flush=True)
+
+
 def collect_all(args: argparse.Namespace) -> None:
     loaded = load_model("embedded", device="cpu")
     engine = ESampEngine(loaded)
@@ -140,8 +163,9 @@ def collect_all(args: argparse.Namespace) -> None:
         if name != "section1_esamp":
             jobs.append((args.work_dir / "test" / name, problems, n, cond))
     for cond in CONDITIONS[1:]:
-        for family in TRAIN_FAMILIES:
-            jobs.append((args.work_dir / "train" / family / cond.name, train[(family, cond.name)], n_train, cond))
+        for family in TRAIN_FAMILIES:  # half the candidates: more problems per CPU-hour
+            jobs.append((args.work_dir / "train" / family / cond.name, train[(family, cond.name)],
+                         max(2, n_train // 2), cond))  # fmt: skip
         if cond.esamp:
             jobs.append((args.work_dir / "test" / "section1_esamp", *tests["section1_esamp"]))
     total = sum(len(p) * n for _, p, n, _ in jobs)
@@ -160,7 +184,7 @@ def collect_all(args: argparse.Namespace) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=["collect", "analyse"])
+    p.add_argument("stage", choices=["collect", "analyse", "collect-more", "analyse-more"])
     p.add_argument("--work-dir", type=Path, default=OUT)
     p.add_argument("--scale", type=float, default=1.0, help="fraction of every set's problems (smoke runs)")
     p.add_argument("--save-head", type=Path, default=None, help="analyse: also save the head chosen on validation")
@@ -174,13 +198,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.stage == "collect":
         collect_all(args)
+    elif args.stage == "collect-more":
+        collect_more(args)
     else:
         root = str(Path(__file__).resolve().parent.parent)
         if root not in sys.path:  # run as a script: make the benchmarks package importable
             sys.path.insert(0, root)
-        from benchmarks.head_study_analysis import analyse
+        from benchmarks.head_study_analysis import analyse, analyse_more
 
-        analyse(args)
+        (analyse if args.stage == "analyse" else analyse_more)(args)
 
 
 if __name__ == "__main__":

@@ -225,7 +225,9 @@ def analyse(args: argparse.Namespace) -> dict[str, Any]:
     # data ablations and transfer, with the chosen configuration
     only_s1 = [f == SECTION1_FAMILY for f in pool.family]
     add("single_digit_only", train("single_digit_only", only_s1, c_layers, **c_hyper))
-    add("plain_t07_only", train("plain_t07_only", [c == "plain_t07" for c in pool.condition], c_layers, **c_hyper))
+    # plain T=0.7 with its first 4 candidates per problem: the same amount of data as ESamp's 4
+    plain4 = [c == "plain_t07" and r["sample"] < 4 for c, r in zip(pool.condition, pool.records, strict=True)]
+    add("plain_t07_only", train("plain_t07_only", plain4, c_layers, **c_hyper))
     add("esamp_t07_only", train("esamp_t07_only", [c == "esamp_t07" for c in pool.condition], c_layers, **c_hyper))
     lofo: dict[str, GatedLinearHead] = {}
     for family in TRAIN_FAMILIES:
@@ -301,6 +303,53 @@ def analyse(args: argparse.Namespace) -> dict[str, Any]:
     atomic_write_json(work / "results.json", results)
     report(results)
     return results
+
+
+def analyse_more(args: argparse.Namespace) -> dict[str, Any]:
+    """The shipped recipe (every 4th layer + final, BCE and Bradley-Terry) on every single-digit
+    train problem sampled at plain T=0.7 x 8 (section 1's condition), outside the validation set;
+    compared with the current head on the section-1 set, paired."""
+    work: Path = args.work_dir
+    manifest = read_manifest(work / "test" / "section1")
+    d = FeatureSpec.from_dict(manifest["spec"]).hidden_size
+    parts = [read_set(work / "train" / SECTION1_FAMILY / name, SECTION1_FAMILY, name)
+             for name in ("plain_t07", "plain_t07_more")]  # fmt: skip
+    idx = column_index(LAYER_SETS["every4"], d)
+    examples = [Example(features=f.index_select(1, idx), label=bool(r["correct"]), group=r["problem_id"])
+                for part in parts for f, r in zip(part.features, part.records, strict=True)
+                if not in_validation(r) and f.shape[0] > 0]  # fmt: skip
+    s1 = read_set(work / "test" / "section1", "section1", "")
+    current = load_head(shipped_head_path())
+    assert isinstance(current, GatedLinearHead)
+    named: dict[str, GatedLinearHead] = {"current": current}
+    info: dict[str, Any] = {}
+    for loss in ("bce", "bradley_terry"):
+        result = fit(examples, head_spec(manifest, LAYER_SETS["every4"]), loss=loss, epochs=40, lr=1e-3, seed=0)
+        named[loss] = result.head
+        keys = ("n_train_problems", "n_val_problems", "best_epoch", "best_val_bon_accuracy", "seconds")
+        info[loss] = {k: result.summary[k] for k in keys}
+        print(f"[more] {loss}: {info[loss]}", flush=True)
+    scores = {"mean_logprob": mean_logprob(s1)} | {n: scores_of(h, s1.features, d) for n, h in named.items()}
+    groups = groups_of(s1, scores)
+    selectors = ["majority", *[f"argmax:{n}" for n in named], *[f"zvote:{n}" for n in named], "oracle"]
+    bon = best_of_n(groups, selectors, KS, matches=answers_match, draws=DRAWS, seed=0)
+    res = {
+        "problems": len({e.group for e in examples}), "candidates": len(examples), "heads": info, "best_of_n": bon,
+        "paired_8": {f"{n} - current": paired(groups, f"argmax:{n}", "argmax:current", 8, DRAWS, 0)
+                     for n in ("bce", "bradley_terry")},
+        "date": dt.datetime.now().isoformat(timespec="seconds"),
+    }  # fmt: skip
+    atomic_write_json(work / "results_more.json", res)
+    for sel in selectors:
+        print(f"| {sel} | " + " | ".join(fmt(bon[sel][k]) for k in KS) + " |")
+    for n, r in res["paired_8"].items():
+        print(f"paired N=8 {n}: {fmt_diff(r)}")
+    if args.save_head is not None:
+        # the loss is picked on fit's validation split, never on the test set (ties: BCE)
+        best = max(("bce", "bradley_terry"), key=lambda n: (info[n]["best_val_bon_accuracy"] or 0.0, n == "bce"))
+        save_head(named[best], args.save_head)
+        print(f"[more] saved {best} to {args.save_head}", flush=True)
+    return res
 
 
 def report(res: dict[str, Any]) -> None:
