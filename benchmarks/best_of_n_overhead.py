@@ -15,19 +15,17 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from langchain_core.messages import HumanMessage
 
 from esamp_agents import load_model
 from esamp_agents.atomic import atomic_write_json
+from esamp_agents.evaluation.report import machine_info
 from esamp_agents.evaluation.tasks import generate_problems
 from esamp_agents.hidden_reward.reward import HiddenStateReward
 from esamp_agents.langchain.chat_model import ChatESamp
@@ -81,12 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     result: dict[str, Any] = {
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         "date": dt.datetime.now().isoformat(timespec="seconds"),
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-        },
+        "machine": machine_info(),
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "median_seconds": {k: statistics.median(v) for k, v in times.items()},
         "overhead_median_ratio": statistics.median(times["bestofn"]) / statistics.median(times["raw"]) - 1,

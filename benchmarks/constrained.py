@@ -53,6 +53,7 @@ from esamp_agents.atomic import atomic_write_json
 from esamp_agents.constrained.grammar import Grammar
 from esamp_agents.constrained.matcher import GrammarConstraint
 from esamp_agents.decoding.engine import ESampEngine
+from esamp_agents.evaluation.report import machine_info
 from esamp_agents.tool_calling import ToolSpec, parse_tool_calls, tool_call_grammar, tool_specs
 
 OUT = Path(__file__).resolve().parent / "out"
@@ -455,12 +456,7 @@ def main() -> None:
     result: dict[str, Any] = {
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "date": dt.datetime.now().isoformat(timespec="seconds"),
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-        },
+        "machine": machine_info(),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
     }
     if not args.skip_validity:

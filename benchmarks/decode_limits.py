@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import os
-import platform
 import statistics
 import sys
 import time
@@ -37,6 +35,7 @@ from esamp_agents import ESampParams, SamplingParams, load_model
 from esamp_agents.atomic import atomic_write_json
 from esamp_agents.decoding.distiller import BatchedDistiller
 from esamp_agents.decoding.engine import ESampEngine
+from esamp_agents.evaluation.report import machine_info
 from esamp_agents.evaluation.tasks import answers_match, extract_answer, generate_problems, grade
 
 OUT = Path(__file__).resolve().parent / "out"
@@ -205,12 +204,7 @@ def main() -> None:
     result: dict[str, Any] = {
         "command": " ".join(["python", "benchmarks/decode_limits.py", *sys.argv[1:]]),
         "date": dt.datetime.now().isoformat(timespec="seconds"),
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-        },
+        "machine": machine_info(),
         "limits": limits,
         "dtypes": {},
     }

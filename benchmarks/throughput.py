@@ -25,8 +25,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as dt
-import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -41,6 +39,7 @@ import torch
 from esamp_agents import ESampParams, SamplingParams, load_model
 from esamp_agents.atomic import atomic_write_json
 from esamp_agents.decoding.engine import ESampEngine
+from esamp_agents.evaluation.report import machine_info
 
 QUESTIONS = [
     "Explain step by step how to compute 17 * 23.",
@@ -245,12 +244,7 @@ def main() -> None:
     result = {
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "date": dt.datetime.now().isoformat(timespec="seconds"),
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-        },
+        "machine": machine_info(),
         "settings": {k: v for k, v in vars(args).items() if k not in ("out", "shapes")},
         "rows": rows,
         "peak_rss_mb": memory,

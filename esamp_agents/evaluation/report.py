@@ -27,6 +27,22 @@ SELECTOR_LABELS = {
 Interval = dict[str, float | None]
 
 
+def machine_info() -> dict[str, Any]:
+    """Where a measurement ran (platform, CPU count, torch version and threads): benchmark results
+    record it beside their numbers, since speed figures mean nothing without the machine."""
+    import os
+    import platform
+
+    import torch
+
+    return {
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+
+
 def json_safe(value: Any) -> Any:
     """JSON has no NaN/inf: non-finite floats become null; tuples become lists, keys strings."""
     if isinstance(value, dict):
@@ -102,5 +118,6 @@ __all__ = [
     "Interval",
     "format_summary",
     "json_safe",
+    "machine_info",
     "write_json",
 ]
