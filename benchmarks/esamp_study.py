@@ -162,6 +162,19 @@ def _twin(name: str) -> str:
     return parse_sampler(plain + (f":t={s.temperature}" if s.temperature is not None else "")).name
 
 
+def _base(name: str) -> str:
+    """The ESamp sampler a cheaper-Distiller variant is compared with: the same sampler without its
+    width, shared and update-interval options (the sampler itself when it has none)."""
+    from dataclasses import replace
+
+    from esamp_agents.evaluation.samplers import parse_sampler
+
+    s = parse_sampler(name)
+    if s.kind != "esamp":
+        return s.name
+    return replace(s, distiller_width=None, shared_distiller=False, distiller_update_every=None).name
+
+
 def _per_problem(groups: list[list[dict[str, Any]]], rewards: list[float], seed: int, draws: int = 32) -> dict:
     """One value per problem for each paired metric (subsets of 8 drawn the same way for every sampler)."""
     import numpy as np
@@ -242,12 +255,14 @@ def _report_task(args: argparse.Namespace, task: str, engine: Any) -> dict[str, 
         per[name] = _per_problem(groups, rewards, args.seed)
         if parse_sampler(name).kind == "esamp":
             curves[name] = _loss_curve(groups)
-    paired: dict[str, Any] = {}
+    paired: dict[str, Any] = {}  # ESamp vs its plain twin; "name vs base": a cheaper Distiller vs the full one
     for name in samplers:
-        twin = _twin(name)
-        if parse_sampler(name).kind != "esamp" or twin not in per:
+        if parse_sampler(name).kind != "esamp":
             continue
-        paired[name] = {"twin": twin, **{m: _paired(per[name][m], per[twin][m], args.seed) for m in DIFF_METRICS}}
+        for key, twin in ((name, _twin(name)), (f"{name} vs base", _base(name))):
+            if twin in per and twin != name:
+                diffs = {m: _paired(per[name][m], per[twin][m], args.seed) for m in DIFF_METRICS}
+                paired[key] = {"twin": twin, **diffs}
     return {"task": task, "samplers": samplers, "results": results, "paired": paired, "loss_curves": curves}
 
 
@@ -306,12 +321,13 @@ def _markdown(task_reports: list[dict[str, Any]]) -> str:
                 f" | {_pct(bon.get('vote:reward', {}).get('8'))} | {div['distinct_answers']['mean']:.2f}"
                 f" | {sim.get('mean', float('nan')):.3f} | {m['perplexity']['mean']:.2f} | {ratio} |"
             )
-        lines += ["", "Paired differences, ESamp minus its plain twin (same temperature and min-p), points:", "",
+        lines += ["", "Paired differences, ESamp minus its plain twin (same temperature and min-p), or a cheaper "
+                  "Distiller minus the full one (twin without width/shared/every), points:", "",
                   "| sampler | twin | per-sample | pass@8 | majority@8 | reward BoN@8 | reward vote@8 |",
                   "|---|---|---|---|---|---|---|"]  # fmt: skip
         for name, d in rep["paired"].items():
             cells = " | ".join(_pct(d[m], signed=True) for m in DIFF_METRICS)
-            lines.append(f"| `{name}` | `{d['twin']}` | {cells} |")
+            lines.append(f"| `{name.removesuffix(' vs base')}` | `{d['twin']}` | {cells} |")
         lines.append("")
     return "\n".join(lines)
 

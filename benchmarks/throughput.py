@@ -13,7 +13,8 @@ Modes: ``off`` (beta 0), ``on`` (``--beta``, the Distiller's update in the loop'
 ``overlap`` (the same with the update beside the next forward: same tokens), ``default`` (the
 package's default ESampParams: beta 0.1 + 20-step warm start, the engine's default overlap
 choice), ``width128`` (``on`` with a Distiller of width 128), ``shared`` (``on`` with one Distiller
-for all prompts) and ``hf`` (HF ``generate``). Each run also records the minor page faults it caused.
+for all prompts), ``every`` / ``default_every`` (``on`` / ``default`` training the Distiller once
+every ``--every`` steps) and ``hf`` (HF ``generate``). Each run also records the minor page faults it caused.
 
 Peak memory: ``--memory`` runs each mode of the largest shape in a fresh
 subprocess and reports the peak resident set size (ESamp's extra memory is the
@@ -142,6 +143,9 @@ def summarise(runs: list[dict[str, float]]) -> dict[str, float]:
     }
 
 
+MODES = ("off", "on", "overlap", "default", "width128", "shared", "every", "default_every", "hf")
+
+
 def bench_shape(engine: ESampEngine, p: int, n: int, args: argparse.Namespace) -> dict[str, Any]:
     prompts = prompts_for(engine, p)
     sampling = SamplingParams(
@@ -150,6 +154,7 @@ def bench_shape(engine: ESampEngine, p: int, n: int, args: argparse.Namespace) -
     )  # fmt: skip
     modes = [m for m in args.modes if not (m == "hf" and args.no_hf)]
     on = ESampParams(beta=args.beta, warm_start_steps=args.warm_start_steps)
+    every = replace(on, distiller_update_every=args.every)
     run = {
         "off": lambda: run_ours(engine, prompts, sampling, ESampParams(beta=0.0)),
         "on": lambda: run_ours(engine, prompts, sampling, on, overlap=False),
@@ -157,6 +162,8 @@ def bench_shape(engine: ESampEngine, p: int, n: int, args: argparse.Namespace) -
         "default": lambda: run_ours(engine, prompts, sampling, ESampParams()),
         "width128": lambda: run_ours(engine, prompts, sampling, replace(on, distiller_width=128), overlap=False),
         "shared": lambda: run_ours(engine, prompts, sampling, replace(on, shared_distiller=True), overlap=False),
+        "every": lambda: run_ours(engine, prompts, sampling, every, overlap=False),
+        "default_every": lambda: run_ours(engine, prompts, sampling, ESampParams(distiller_update_every=args.every)),
         "hf": lambda: run_hf(engine, prompts, sampling),
     }
     for mode in modes:  # warm-up, not recorded
@@ -220,14 +227,15 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--top-k", type=int, default=50)
     parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--modes", nargs="+", choices=["off", "on", "overlap", "default", "width128", "shared", "hf"],
+    parser.add_argument("--modes", nargs="+", choices=list(MODES),
                         default=["off", "on", "hf"])  # fmt: skip
+    parser.add_argument("--every", type=int, default=4, help="the Distiller's update interval of the *every modes")
     parser.add_argument("--no-hf", action="store_true", help="skip the HF generate comparison")
     parser.add_argument("--memory", action="store_true", help="also measure peak RSS per mode (subprocesses)")
     parser.add_argument("--out", type=Path, default=OUT / "throughput.json")
     args = parser.parse_args()
-    if args.reps < 1 or args.new_tokens < 1:
-        parser.error(f"--reps={args.reps} and --new-tokens={args.new_tokens} must both be >= 1")
+    if args.reps < 1 or args.new_tokens < 1 or args.every < 1:
+        parser.error(f"--reps={args.reps}, --new-tokens={args.new_tokens} and --every={args.every} must all be >= 1")
 
     engine = ESampEngine(load_model("embedded", device="cpu"))
     rows = []

@@ -18,6 +18,11 @@ pipeline: :meth:`BatchedDistiller.step` starts it on a side lane (a CUDA stream 
 worker thread elsewhere) and returns; the next use of the weights waits for it. The step's
 inputs are already known when it starts and nothing reads the weights until the next step's
 prediction, so the sampler computes exactly what the synchronous order computes.
+
+With ``params.distiller_update_every = k > 1`` each :meth:`BatchedDistiller.step` only keeps
+the forward's activations until k have been kept, then takes one clipped Adam step on the mean
+of those k losses. The weights do not change in between, so that is the exact gradient of the
+mean loss; what changes is how often the Distiller learns (a documented option, not a default).
 """
 
 from __future__ import annotations
@@ -89,6 +94,7 @@ class BatchedDistiller:
             weight.grad = torch.zeros_like(weight)
         self.optimizer = self._make_optimizer(params.lr)
         self._pending: PendingUpdate | None = None
+        self._kept: list[PendingUpdate] = []  # forwards waiting for the next update (update_every > 1)
         # an update started on the side lane: (its future or CUDA stream, the inputs it reads)
         self._running: tuple[Future[None] | Any, PendingUpdate] | None = None
         self._stream: Any = None  # the side CUDA stream, created on the first overlapped update
@@ -202,8 +208,13 @@ class BatchedDistiller:
 
     def step(self) -> None:
         """Gradients of the last forward's summed per-prompt losses, per-prompt clipping, one Adam
-        step (with ``overlap``: started on the side lane; the next prediction waits for it)."""
-        pending = self._take_pending()
+        step (with ``overlap``: started on the side lane; the next prediction waits for it).
+        With ``distiller_update_every = k``, only every k-th call updates, on the k forwards' mean loss."""
+        self._kept.append(self._take_pending())
+        if len(self._kept) < self.params.distiller_update_every:
+            return
+        pending = _merged(self._kept)
+        self._kept = []
         self.wait()
         if not self.overlap:
             self._update(pending)
@@ -228,6 +239,11 @@ class BatchedDistiller:
         self._write_clipped_grads(pending)
         self.optimizer.step()
 
+    @property
+    def steps_kept(self) -> int:
+        """Forwards kept for the next update (0 right after an update; always 0 when every step trains)."""
+        return len(self._kept)
+
     def warm_start(self, h1: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, steps: int, lr: float) -> None:
         """Fit each prompt's Distiller on its own prompt states before decoding (off in the paper)."""
         if steps <= 0:
@@ -238,3 +254,16 @@ class BatchedDistiller:
             self.predict_and_loss(h1, target, mask)
             self._update(self._take_pending())  # in order: each step needs the last one's weights anyway
         self.optimizer = optimizer
+
+
+def _merged(kept: list[PendingUpdate]) -> PendingUpdate:
+    """k forwards' update inputs as one: their rows side by side, dLoss/dprediction divided by k
+    (the gradient of the k losses' mean), so one update trains on all of them."""
+    if len(kept) == 1:
+        return kept[0]
+    activations = [
+        tuple(torch.cat([p.activations[b][i] for p in kept], dim=1) for i in range(len(kept[0].activations[b])))
+        for b in range(len(kept[0].activations))
+    ]
+    grad = torch.cat([p.grad_prediction for p in kept], dim=1).div_(len(kept))
+    return PendingUpdate(activations, grad)

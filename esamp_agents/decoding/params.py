@@ -90,6 +90,10 @@ class ESampParams:
     ``beta=0`` switches ESamp off: the engine then runs plain sampling and never builds a
     Distiller. ``warm_start_steps=0`` skips the warm start. ``shared_distiller=True`` trains one
     Distiller on all prompts of a request instead of one per prompt (the paper's is per prompt).
+    ``distiller_update_every=k`` predicts every step but trains once per k steps, on the k
+    steps' rows together: the update's weight traffic (most of ESamp's cost on a small model,
+    BENCHMARKS.md section 14) is paid k times less often, and the novelty signal lags by up to
+    k - 1 steps (its quality effect: section 16).
     """
 
     beta: float = _param(0.1, "Exploration strength; 0 switches ESamp off (plain sampling). The paper's is 0.25.")
@@ -104,6 +108,10 @@ class ESampParams:
     shared_distiller: bool = _param(
         False, "Train one Distiller on all prompts of a request instead of one per prompt (the paper's)."
     )
+    distiller_update_every: int = _param(
+        1,
+        "Train the Distiller once per this many decode steps, on their mean loss (1 = every step, the paper's).",
+    )
 
     def __post_init__(self) -> None:
         check_range("beta", self.beta, 0.0, 100.0, allowed="0 <= beta <= 100 (0 = plain sampling)")
@@ -115,6 +123,7 @@ class ESampParams:
         check_range("warm_start_lr", self.warm_start_lr, 0.0, 1.0, low_open=True, allowed="0 < warm_start_lr <= 1")
         if not isinstance(self.shared_distiller, bool):
             raise ValueError(f"shared_distiller={self.shared_distiller!r} must be True or False")
+        check_int("distiller_update_every", self.distiller_update_every, 1, 1024)
 
     @classmethod
     def paper(cls, beta: float = 0.25) -> ESampParams:

@@ -20,8 +20,8 @@ from esamp_agents.decoding.params import ESampParams, SamplingParams, build_para
 SAMPLER_USAGE = (
     "allowed: vanilla, esamp (the defaults), esamp:BETA, esamp:BETA:warmSTEPS (0 < BETA <= 100, 0 <= STEPS <= 10000), "
     "minp:P (0 < P < 1), each optionally followed by ':t=TEMPERATURE' (0 < T <= 10); esamp also by "
-    "':warm_lr=LR' (0 < LR <= 1), ':width=W' (1 <= W <= 65536), ':shared' (one Distiller for all prompts) "
-    "and ':min_p=P'"
+    "':warm_lr=LR' (0 < LR <= 1), ':width=W' (1 <= W <= 65536), ':shared' (one Distiller for all prompts), "
+    "':every=K' (train the Distiller every K steps, 1 <= K <= 1024) and ':min_p=P'"
 )
 
 
@@ -45,6 +45,7 @@ class Sampler:
     warm_start_lr: float | None = None
     distiller_width: int | None = None
     shared_distiller: bool = False
+    distiller_update_every: int | None = None
     temperature: float | None = None
 
     def __post_init__(self) -> None:
@@ -54,6 +55,7 @@ class Sampler:
             and self.warm_start_lr is None
             and self.distiller_width is None
             and not self.shared_distiller
+            and self.distiller_update_every is None
         )
         ok = {
             "vanilla": plain and self.min_p == 0,
@@ -82,6 +84,8 @@ class Sampler:
                 parts.append(f"width={self.distiller_width}")
             if self.shared_distiller:
                 parts.append("shared")
+            if self.distiller_update_every is not None:
+                parts.append(f"every={self.distiller_update_every}")
             if self.min_p:
                 parts.append(f"min_p={_num(self.min_p)}")
         if self.temperature is not None:
@@ -100,6 +104,7 @@ class Sampler:
             "shared_distiller": self.shared_distiller,
             "warm_start_lr": self.warm_start_lr,
             "distiller_width": self.distiller_width,
+            "distiller_update_every": self.distiller_update_every,
         }
         return build_params({k: v for k, v in options.items() if v is not None})[1]
 
@@ -128,7 +133,7 @@ def _parse_options(spec: str, kind: str, tokens: list[str]) -> dict[str, Any]:
     seen: set[str] = set()
     for token in tokens:
         key, eq, value = token.partition("=")
-        esamp_only = key in ("warm_lr", "width", "shared", "min_p")
+        esamp_only = key in ("warm_lr", "width", "shared", "every", "min_p")
         if key in seen or (esamp_only and kind != "esamp") or (bool(eq) == (key == "shared")):
             raise ValueError(f"sampler {spec!r}: option {token!r} is not understood here; {SAMPLER_USAGE}")
         seen.add(key)
@@ -146,6 +151,10 @@ def _parse_options(spec: str, kind: str, tokens: list[str]) -> dict[str, Any]:
             if not value.isdigit() or not 1 <= int(value) <= 65536:
                 raise ValueError(f"sampler {spec!r}: width={value!r} is out of range; allowed: 1 <= width <= 65536")
             out["distiller_width"] = int(value)
+        elif key == "every":
+            if not value.isdigit() or not 1 <= int(value) <= 1024:
+                raise ValueError(f"sampler {spec!r}: every={value!r} is out of range; allowed: 1 <= every <= 1024")
+            out["distiller_update_every"] = int(value)
         elif key == "min_p":
             p = _parse_float(value, spec, "min_p")
             if not 0.0 < p < 1.0:

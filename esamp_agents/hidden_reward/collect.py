@@ -67,7 +67,7 @@ MATCHED_FIELDS = (
     "format_version", "model", "hidden_size", "num_layers", "dtype", "spec", "sampling", "esamp", "suffix",
 )  # fmt: skip
 # Settings added after folders were first written, with the value those folders were made with.
-LATER_ESAMP_FIELDS = {"shared_distiller": False}
+LATER_ESAMP_FIELDS = {"shared_distiller": False, "distiller_update_every": 1}
 
 
 class CollectFormatError(ValueError):

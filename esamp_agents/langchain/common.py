@@ -164,6 +164,7 @@ if TYPE_CHECKING:
         warm_start_steps: int
         warm_start_lr: float
         shared_distiller: bool
+        distiller_update_every: int
 
 else:
     _ParamFields = create_model(
@@ -179,7 +180,7 @@ class ESampLangChainMixin(_ParamFields):
     The ESamp/sampling fields are generated, one per row of
     :data:`esamp_agents.decoding.params.PARAMS` (``param_names()`` lists them: ``n``,
     ``temperature``, ..., ``max_tokens`` alias ``max_new_tokens``, ``distiller_lr`` alias ``lr``,
-    ``ignore_eos``, ``shared_distiller``), with the engine's defaults and docs, except
+    ``ignore_eos``, ``shared_distiller``, ``distiller_update_every``), with the engine's defaults and docs, except
     ``max_tokens`` (:data:`DEFAULT_MAX_TOKENS`) and ``stop`` (``None``). Each is also a per-call
     keyword. ``n`` candidates are all returned by ``generate``; ``invoke`` returns the first.
 

@@ -59,6 +59,9 @@ class _Sampling(_Closed):
     warm_start_steps: int | None = Field(None, ge=0, description="extra: Distiller warm-start steps on the prompt")
     warm_start_lr: float | None = Field(None, gt=0, description="extra: the warm start's learning rate")
     shared_distiller: bool | None = Field(None, description="extra: one Distiller for all prompts")
+    distiller_update_every: int | None = Field(
+        None, ge=1, le=1024, description="extra: train the Distiller once per this many decode steps"
+    )
     user: str | None = None
     metadata: dict[str, Any] | None = None
     frequency_penalty: float | None = Field(None, description="only 0 is served")

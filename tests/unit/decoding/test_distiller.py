@@ -151,6 +151,45 @@ def test_an_overlapped_update_error_surfaces_at_the_next_wait() -> None:
     dist.wait()  # reported once; the Distiller is usable again
 
 
+@pytest.mark.parametrize("every", [2, 3])
+def test_training_every_k_steps_is_one_adam_step_on_the_k_losses_mean(every: int) -> None:
+    """distiller_update_every=k: the first k-1 steps leave the weights alone, the k-th takes one
+    clipped Adam step on the mean of the k forwards' losses (the reference: autograd + torch Adam)."""
+    live = torch.tensor([[True, True, False, True], [True, True, True, True]])
+    batches = [data(20 + i) for i in range(every)]
+    dist = make(distiller_update_every=every, grad_clip=1e9)
+    reference = [w.detach().clone().requires_grad_(True) for w in dist.weights]
+    before = [w.detach().clone() for w in dist.weights]
+    for i, (h1, target) in enumerate(batches):
+        dist.predict_and_loss(h1, target, live)
+        dist.step()
+        if i < every - 1:
+            assert dist.steps_kept == i + 1
+            assert all(torch.equal(w, b) for w, b in zip(dist.weights, before, strict=True))
+    assert dist.steps_kept == 0
+    mean_loss = sum(autograd_loss(reference, h1, target, live).sum() for h1, target in batches) / every
+    mean_loss.backward()
+    for got, want in zip(dist.grads, reference, strict=True):  # the gradient of the mean, not of the sum
+        torch.testing.assert_close(got, want.grad, rtol=1e-4, atol=1e-6)
+    adam = torch.optim.Adam(reference, lr=dist.params.lr, eps=dist.params.adam_eps)
+    adam.step()
+    for got, want in zip(dist.weights, reference, strict=True):
+        torch.testing.assert_close(got, want.detach(), rtol=1e-4, atol=1e-6)
+
+
+def test_training_every_k_steps_still_learns() -> None:
+    h1, target = data(3)
+    live = torch.ones(2, 4, dtype=torch.bool)
+    losses = train(make(lr=1e-2, distiller_update_every=4), h1, target, live, 120)
+    assert (losses[-1] < 0.5 * losses[0]).all()
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1025, 2.5, True])
+def test_update_every_out_of_range_names_the_value(bad: object) -> None:
+    with pytest.raises(ValueError, match="distiller_update_every"):
+        ESampParams(distiller_update_every=bad)  # type: ignore[arg-type]
+
+
 def test_a_step_needs_a_prediction_first() -> None:
     with pytest.raises(RuntimeError, match="needs a predict_and_loss"):
         make().step()

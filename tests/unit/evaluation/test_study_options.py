@@ -30,6 +30,7 @@ def test_shared_distiller_must_be_a_bool() -> None:
         ("minp:0.05:t=1.0", "minp:0.05:t=1"),
         ("esamp:0.1:warm20:t=1:min_p=0.05:shared:width=128", "esamp:0.1:warm20:width=128:shared:min_p=0.05:t=1"),
         ("esamp:0.25:warm20:warm_lr=0.0005", "esamp:0.25:warm20:warm_lr=0.0005"),
+        ("esamp:0.1:warm20:t=1:every=4:width=128", "esamp:0.1:warm20:width=128:every=4:t=1"),
     ],
 )
 def test_sampler_options_have_one_canonical_name(spec: str, name: str) -> None:
@@ -40,9 +41,11 @@ def test_sampler_options_have_one_canonical_name(spec: str, name: str) -> None:
 
 
 def test_sampler_options_reach_the_parameters() -> None:
-    s = parse_sampler("esamp:0.1:warm20:width=128:shared:min_p=0.05:t=1")
+    s = parse_sampler("esamp:0.1:warm20:width=128:shared:every=3:min_p=0.05:t=1")
     es = s.esamp_params()
     assert (es.beta, es.warm_start_steps, es.distiller_width, es.shared_distiller) == (0.1, 20, 128, True)
+    assert es.distiller_update_every == 3
+    assert parse_sampler("esamp").esamp_params().distiller_update_every == 1  # unset: the default
     sp = s.sampling_params(n=4, temperature=0.7, top_k=50, top_p=1.0, max_tokens=8, seed=0)
     assert (sp.temperature, sp.min_p) == (1.0, 0.05)
     plain = parse_sampler("vanilla").sampling_params(n=4, temperature=0.7, top_k=50, top_p=1.0, max_tokens=8, seed=0)
@@ -56,6 +59,8 @@ def test_sampler_options_reach_the_parameters() -> None:
         ("minp:0.1:width=3", r"option 'width=3' is not understood here"),
         ("esamp:0.1:t=0", r"t=0.0 is out of range; allowed: 0 < t <= 10"),
         ("esamp:0.1:width=0", r"width='0' is out of range; allowed: 1 <= width <= 65536"),
+        ("esamp:0.1:every=0", r"every='0' is out of range; allowed: 1 <= every <= 1024"),
+        ("vanilla:every=2", r"option 'every=2' is not understood here"),
         ("esamp:0.1:warm_lr=2", r"warm_lr=2.0 is out of range; allowed: 0 < warm_lr <= 1"),
         ("esamp:0.1:min_p=1", r"min_p=1.0 is out of range; allowed: 0 < min_p < 1"),
         ("esamp:t=1:0.1", r"options must come after BETA/STEPS/P"),
@@ -73,6 +78,8 @@ def test_sampler_dataclass_checks_its_fields() -> None:
         Sampler("vanilla", shared_distiller=True)
     with pytest.raises(ValueError, match="distiller_width=0 is out of range"):
         Sampler("esamp", beta=0.1, distiller_width=0)
+    with pytest.raises(ValueError, match="not a valid sampler"):
+        Sampler("vanilla", distiller_update_every=2)
 
 
 def test_one_shared_distiller_trains_on_all_rows() -> None:

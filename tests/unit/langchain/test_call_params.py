@@ -53,6 +53,7 @@ OVERRIDES: dict[str, Any] = {
     "warm_start_steps": 3,
     "warm_start_lr": 1e-3,
     "shared_distiller": True,
+    "distiller_update_every": 3,
 }
 
 
@@ -103,6 +104,7 @@ def test_build_params_keeps_the_base_it_is_given():
         ({"ignore_eos": "yes"}, ["ignore_eos='yes'", "True or False"]),
         ({"shared_distiller": 1}, ["shared_distiller=1", "True or False"]),
         ({"top_p": 0}, ["top_p=0", "0 < top_p <= 1"]),
+        ({"distiller_update_every": 0}, ["distiller_update_every=0", "1 <= distiller_update_every <= 1024"]),
     ],
 )
 def test_build_params_errors_name_the_value_and_the_allowed(values, needles):
