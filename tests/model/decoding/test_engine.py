@@ -286,6 +286,27 @@ def test_overlapped_distiller_updates_sample_the_same_candidates(engine: ESampEn
     assert runs[True][0].distiller_loss  # ESamp really ran
 
 
+def test_training_every_k_steps_first_updates_after_k_steps_and_overlaps_exactly(engine: ESampEngine, embedded) -> None:
+    """distiller_update_every=4: the Distiller's first update comes after 4 predictions (so its
+    second loss still comes from the warm-started weights, unlike every step's); overlapped or not,
+    the same tokens."""
+    prompts = [embedded.chat_token_ids([{"role": "user", "content": "What is 17 * 23? Think step by step."}])]
+    sp = SamplingParams(n=2, max_new_tokens=12, seed=5)
+    before = engine.overlap_distiller
+    try:
+        runs = {}
+        for every, overlap in ((1, False), (4, False), (4, True)):
+            engine.overlap_distiller = overlap
+            runs[every, overlap] = engine.generate(prompts, sp, ESampParams(distiller_update_every=every))[0]
+    finally:
+        engine.overlap_distiller = before
+    every_step, every_4 = runs[1, False].distiller_loss, runs[4, False].distiller_loss
+    assert len(every_4) == len(every_step) == 11
+    assert every_4[0] == pytest.approx(every_step[0], rel=1e-6)  # both before any online update
+    assert every_4[1] != pytest.approx(every_step[1], rel=1e-6)  # every step: one update in already
+    assert _outputs([runs[4, True]]) == _outputs([runs[4, False]])
+
+
 def test_overlap_setting_is_checked() -> None:
     with pytest.raises(TypeError, match="overlap_distiller='yes' must be True, False or None"):
         ESampEngine("embedded", overlap_distiller="yes")  # type: ignore[arg-type]
