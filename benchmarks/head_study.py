@@ -5,6 +5,8 @@
     python benchmarks/head_study.py collect --scale 0.02 --work-dir /tmp/hs   # smoke run
     python benchmarks/head_study.py collect-more       # every single-digit train problem at plain T=0.7 x 8
     python benchmarks/head_study.py analyse-more       # the shipped recipe on those alone
+    python benchmarks/head_study.py confirm --fresh benchmarks/out/esamp_study/single_digit/generations/vanilla
+                                                       # its heads, a second seed, on a fresh held-out sample
 
 Data (``collect``), every set written by :func:`esamp_agents.hidden_reward.collect.collect` with
 every layer's token features captured during the decode:
@@ -184,9 +186,10 @@ def collect_all(args: argparse.Namespace) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=["collect", "analyse", "collect-more", "analyse-more"])
+    p.add_argument("stage", choices=["collect", "analyse", "collect-more", "analyse-more", "confirm"])
     p.add_argument("--work-dir", type=Path, default=OUT)
     p.add_argument("--scale", type=float, default=1.0, help="fraction of every set's problems (smoke runs)")
+    p.add_argument("--fresh", type=Path, default=None, help="confirm: a collect folder of fresh held-out problems")
     p.add_argument("--save-head", type=Path, default=None, help="analyse: also save the head chosen on validation")
     args = p.parse_args(argv)
     if not 0 < args.scale <= 1:
@@ -204,9 +207,9 @@ def main(argv: list[str] | None = None) -> None:
         root = str(Path(__file__).resolve().parent.parent)
         if root not in sys.path:  # run as a script: make the benchmarks package importable
             sys.path.insert(0, root)
-        from benchmarks.head_study_analysis import analyse, analyse_more
+        from benchmarks.head_study_analysis import analyse, analyse_more, confirm
 
-        (analyse if args.stage == "analyse" else analyse_more)(args)
+        {"analyse": analyse, "analyse-more": analyse_more, "confirm": confirm}[args.stage](args)
 
 
 if __name__ == "__main__":

@@ -312,12 +312,7 @@ def analyse_more(args: argparse.Namespace) -> dict[str, Any]:
     work: Path = args.work_dir
     manifest = read_manifest(work / "test" / "section1")
     d = FeatureSpec.from_dict(manifest["spec"]).hidden_size
-    parts = [read_set(work / "train" / SECTION1_FAMILY / name, SECTION1_FAMILY, name)
-             for name in ("plain_t07", "plain_t07_more")]  # fmt: skip
-    idx = column_index(LAYER_SETS["every4"], d)
-    examples = [Example(features=f.index_select(1, idx), label=bool(r["correct"]), group=r["problem_id"])
-                for part in parts for f, r in zip(part.features, part.records, strict=True)
-                if not in_validation(r) and f.shape[0] > 0]  # fmt: skip
+    examples = _more_examples(work, d)
     s1 = read_set(work / "test" / "section1", "section1", "")
     current = load_head(shipped_head_path())
     assert isinstance(current, GatedLinearHead)
@@ -350,6 +345,104 @@ def analyse_more(args: argparse.Namespace) -> dict[str, Any]:
         save_head(named[best], args.save_head)
         print(f"[more] saved {best} to {args.save_head}", flush=True)
     return res
+
+
+def _more_examples(work: Path, d: int) -> list[Example]:
+    """analyse-more's training set: every single-digit train problem at plain T=0.7 x 8, minus validation."""
+    parts = [read_set(work / "train" / SECTION1_FAMILY / name, SECTION1_FAMILY, name)
+             for name in ("plain_t07", "plain_t07_more")]  # fmt: skip
+    idx = column_index(LAYER_SETS["every4"], d)
+    return [Example(features=f.index_select(1, idx), label=bool(r["correct"]), group=r["problem_id"])
+            for part in parts for f, r in zip(part.features, part.records, strict=True)
+            if not in_validation(r) and f.shape[0] > 0]  # fmt: skip
+
+
+def confirm(args: argparse.Namespace) -> dict[str, Any]:
+    """A confirming run for analyse-more's heads: fitted again with a second seed, and scored with
+    the current head on a fresh held-out sample, ``--fresh`` (a collect folder of single-digit
+    test problems outside section 1's set: esamp_study's ``vanilla`` candidates, 200 x 16 at
+    plain T=0.7). Its token features are recomputed post hoc in float32 (that study decoded in
+    bfloat16), so every head scores the states it was trained on."""
+    from esamp_agents import load_model
+    from esamp_agents.hidden_reward.features import posthoc_features
+
+    if args.fresh is None:
+        raise SystemExit(
+            "confirm needs --fresh FOLDER (e.g. benchmarks/out/esamp_study/single_digit/generations/vanilla)"
+        )
+    t0 = time.perf_counter()
+    work: Path = args.work_dir
+    manifest = read_manifest(work / "test" / "section1")
+    d = FeatureSpec.from_dict(manifest["spec"]).hidden_size
+    spec = head_spec(manifest, LAYER_SETS["every4"])
+    current = load_head(shipped_head_path())
+    assert isinstance(current, GatedLinearHead) and list(current.spec.layers) == LAYER_SETS["every4"]
+    examples = _more_examples(work, d)
+    named: dict[str, GatedLinearHead] = {"current": current}
+    info: dict[str, Any] = {}
+    for loss in ("bce", "bradley_terry"):
+        for seed in (0, 1):
+            result = fit(examples, spec, loss=loss, epochs=40, lr=1e-3, seed=seed)
+            named[f"{loss}_s{seed}"] = result.head
+            info[f"{loss}_s{seed}"] = {k: result.summary[k] for k in ("best_epoch", "best_val_bon_accuracy")}
+            print(f"[confirm] {loss} seed {seed}: {info[f'{loss}_s{seed}']}", flush=True)
+
+    records = [r for r in read_records(args.fresh) if r["task"] == SECTION1_FAMILY]
+    section1 = read_records(work / "test" / "section1")
+    train_keys = {r["key"] for name in ("plain_t07", "plain_t07_more")
+                  for r in read_records(work / "train" / SECTION1_FAMILY / name)}  # fmt: skip
+    # no problem of section 1 and no fact of training (the splits are by fact; the test facts recur
+    # in section 1's problems under other phrasings and numbers of candidates, which is expected)
+    leaks = ({r["problem_id"] for r in records} & {r["problem_id"] for r in section1}) | (
+        {r["key"] for r in records} & train_keys
+    )
+    if leaks:
+        raise SystemExit(f"--fresh shares {len(leaks)} problems/facts with section 1 or training: {sorted(leaks)[:3]}")
+    shared_facts = len({r["key"] for r in records} & {r["key"] for r in section1})
+    loaded = load_model("embedded", device="cpu", dtype="float32")
+    t = time.perf_counter()
+    feats = posthoc_features(loaded, [r["prompt_token_ids"] for r in records], [r["token_ids"] for r in records],
+                             spec, batch_size=16)  # fmt: skip
+    print(f"[confirm] post-hoc features of {len(records)} candidates in {time.perf_counter() - t:.0f} s", flush=True)
+    fresh = Candidates(records, feats)
+    every4 = list(range(len(LAYER_SETS["every4"]) * d))  # the features hold exactly the head's columns
+
+    def fresh_scores(head: GatedLinearHead) -> list[float]:
+        return [float(v) for start in range(0, len(feats), 64)
+                for v in score_examples(head, [f[:, every4] for f in feats[start : start + 64]]).tolist()]  # fmt: skip
+
+    s1 = read_set(work / "test" / "section1", "section1", "")
+    out: dict[str, Any] = {"heads": info, "fresh_facts_also_in_section1": shared_facts}
+    for name, cands, scorer in (("fresh", fresh, fresh_scores),
+                                ("section1", s1, lambda h: scores_of(h, s1.features, d))):  # fmt: skip
+        scores = {"mean_logprob": mean_logprob(cands)} | {n: scorer(h) for n, h in named.items()}
+        groups = groups_of(cands, scores)
+        selectors = ["random", "majority", "argmax:mean_logprob", *[f"argmax:{n}" for n in named],
+                     *[f"zvote:{n}" for n in named], "oracle"]  # fmt: skip
+        ks = [k for k in KS if k <= min(len(g.correct) for g in groups)]
+        out[name] = {
+            "problems": len(groups), "candidates": len(cands.records),
+            "per_sample_accuracy": float(np.mean([r["correct"] for r in cands.records])),
+            "pass_at_k": unbiased_pass_at_k(groups, ks),
+            "best_of_n": best_of_n(groups, selectors, ks, matches=answers_match, draws=DRAWS, seed=0),
+            "paired_8": {f"{n} - current": paired(groups, f"argmax:{n}", "argmax:current", 8, DRAWS, 0)
+                         for n in named if n != "current"}
+                        | {"current - majority": paired(groups, "argmax:current", "majority", 8, DRAWS, 0)},
+        }  # fmt: skip
+        print(f"\n{name}: {len(groups)} problems, per-sample {100 * out[name]['per_sample_accuracy']:.1f}%")
+        print("| selector | " + " | ".join(f"N={k}" for k in ks) + " |")
+        for sel in selectors:
+            print(f"| {sel} | " + " | ".join(fmt(out[name]["best_of_n"][sel][k]) for k in ks) + " |")
+        for n, r in out[name]["paired_8"].items():
+            print(f"paired N=8 {n}: {fmt_diff(r)}")
+    out.update({
+        "fresh_folder": str(args.fresh),
+        "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "seconds": time.perf_counter() - t0,
+    })  # fmt: skip
+    atomic_write_json(work / "results_confirm.json", out)
+    return out
 
 
 def report(res: dict[str, Any]) -> None:
