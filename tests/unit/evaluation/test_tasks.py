@@ -126,12 +126,9 @@ def test_generation_is_deterministic_and_seeded():
 
 def test_generation_is_the_same_in_another_process():
     """No dependence on PYTHONHASHSEED or process state."""
-    # Load tasks.py by path: it is pure Python, and the package __init__ would import torch.
     code = (
-        "import importlib.util, sys;"
-        f"spec = importlib.util.spec_from_file_location('tasks_copy', {tasks.__file__!r});"
-        "m = importlib.util.module_from_spec(spec); sys.modules['tasks_copy'] = m; spec.loader.exec_module(m);"
-        "print([p.id for p in m.generate_problems('two_digit_addsub', 30, seed=11, split='test')])"
+        "from esamp_agents.evaluation.tasks import generate_problems;"
+        "print([p.id for p in generate_problems('two_digit_addsub', 30, seed=11, split='test')])"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, env={"PYTHONHASHSEED": "123"}
