@@ -37,6 +37,7 @@ GENERATE_FLAGS: dict[str, dict[str, Any]] = {
     "n": {"default": DEFAULT_N},
     "beta": {"default": None, "default_text": "default: the preset's"},
     "warm_start_steps": {"default": None, "default_text": "default: the preset's"},
+    "distiller_update_every": {},
     "temperature": {},
     "top_k": {},
     "top_p": {},
