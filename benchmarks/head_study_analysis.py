@@ -16,8 +16,6 @@ import argparse
 import datetime as dt
 import hashlib
 import json
-import os
-import platform
 import shlex
 import sys
 import time
@@ -31,6 +29,7 @@ import torch
 from benchmarks.head_study import CONDITIONS, SECTION1_FAMILY, TRAIN_FAMILIES
 from benchmarks.logprob_reward import paired
 from esamp_agents.atomic import atomic_write_json
+from esamp_agents.evaluation.report import machine_info
 from esamp_agents.evaluation.selectors import Group, best_of_n, unbiased_pass_at_k
 from esamp_agents.evaluation.tasks import answers_match
 from esamp_agents.hidden_reward.collect import read_manifest, read_records
@@ -293,7 +292,7 @@ def analyse(args: argparse.Namespace) -> dict[str, Any]:
     results.update({
         "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "date": dt.datetime.now().isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
+        "machine": machine_info(),
         "train": {"candidates": len(pool.records), "problems": len({r["problem_id"] for r in pool.records}),
                   "validation_problems": len({r["problem_id"] for r in val.records}),
                   "by_family": {f: sum(1 for x in pool.family if x == f) for f in TRAIN_FAMILIES},
@@ -332,7 +331,7 @@ def analyse_more(args: argparse.Namespace) -> dict[str, Any]:
         "problems": len({e.group for e in examples}), "candidates": len(examples), "heads": info, "best_of_n": bon,
         "paired_8": {f"{n} - current": paired(groups, f"argmax:{n}", "argmax:current", 8, DRAWS, 0)
                      for n in ("bce", "bradley_terry")},
-        "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "date": dt.datetime.now().isoformat(timespec="seconds"), "machine": machine_info(),
     }  # fmt: skip
     atomic_write_json(work / "results_more.json", res)
     for sel in selectors:
@@ -388,7 +387,8 @@ def confirm(args: argparse.Namespace) -> dict[str, Any]:
             print(f"[confirm] {loss} seed {seed}: {info[f'{loss}_s{seed}']}", flush=True)
 
     records = [r for r in read_records(args.fresh) if r["task"] == SECTION1_FAMILY]
-    section1 = read_records(work / "test" / "section1")
+    s1 = read_set(work / "test" / "section1", "section1", "")
+    section1 = s1.records
     train_keys = {r["key"] for name in ("plain_t07", "plain_t07_more")
                   for r in read_records(work / "train" / SECTION1_FAMILY / name)}  # fmt: skip
     # no problem of section 1 and no fact of training (the splits are by fact; the test facts recur
@@ -405,13 +405,11 @@ def confirm(args: argparse.Namespace) -> dict[str, Any]:
                              spec, batch_size=16)  # fmt: skip
     print(f"[confirm] post-hoc features of {len(records)} candidates in {time.perf_counter() - t:.0f} s", flush=True)
     fresh = Candidates(records, feats)
-    every4 = list(range(len(LAYER_SETS["every4"]) * d))  # the features hold exactly the head's columns
 
-    def fresh_scores(head: GatedLinearHead) -> list[float]:
+    def fresh_scores(head: GatedLinearHead) -> list[float]:  # the features hold exactly the head's columns
         return [float(v) for start in range(0, len(feats), 64)
-                for v in score_examples(head, [f[:, every4] for f in feats[start : start + 64]]).tolist()]  # fmt: skip
+                for v in score_examples(head, feats[start : start + 64]).tolist()]  # fmt: skip
 
-    s1 = read_set(work / "test" / "section1", "section1", "")
     out: dict[str, Any] = {"heads": info, "fresh_facts_also_in_section1": shared_facts}
     for name, cands, scorer in (("fresh", fresh, fresh_scores),
                                 ("section1", s1, lambda h: scores_of(h, s1.features, d))):  # fmt: skip
@@ -439,6 +437,7 @@ def confirm(args: argparse.Namespace) -> dict[str, Any]:
         "fresh_folder": str(args.fresh),
         "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "machine": machine_info(),
         "seconds": time.perf_counter() - t0,
     })  # fmt: skip
     atomic_write_json(work / "results_confirm.json", out)
