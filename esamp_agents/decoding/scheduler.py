@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from esamp_agents.decoding.batch_cache import Block, merge, mergeable, merged_mask
+from esamp_agents.decoding.openmp import release_thread_pool
 from esamp_agents.decoding.params import DEFAULT_MAX_BATCH_ROWS
 from esamp_agents.decoding.results import GenerationResult
 from esamp_agents.decoding.state import DecodeJob, Workspace
@@ -195,15 +196,25 @@ class BatchScheduler:
         return self._thread is not None and threading.current_thread() is self._thread
 
     def run(self, job: DecodeJob) -> GenerationResult:
-        """Queue ``job`` and wait for its result (an interrupted wait cancels the job)."""
+        """Queue ``job`` and wait for its result (an interrupted wait cancels the job).
+
+        When no decode is running, the calling thread runs the loop itself until its own job is
+        done (one caller alone decodes on its own thread, as HF ``generate`` does), then hands any
+        jobs that joined meanwhile to a scheduler thread. A caller that waits hands its OpenMP
+        worker pool back first (:func:`~esamp_agents.decoding.openmp.release_thread_pool`), so the
+        decoding thread's kernels keep spinning between regions instead of sleeping."""
         ticket = _Ticket(job)
         with self._cond:
             self._waiting.append(ticket)
             self.stats.waiting = len(self._waiting)
-            if self._thread is None:  # not a daemon: exit waits for it (it leaves as soon as it is idle)
-                self._thread = threading.Thread(target=self._loop, name="esamp-batch")
-                self._thread.start()
+            drive = self._thread is None
+            if drive:
+                self._thread = threading.current_thread()
             self._cond.notify()
+        if drive:
+            self._drive(ticket)
+        else:
+            release_thread_pool()
         try:
             return ticket.future.result()
         except BaseException:
@@ -211,11 +222,29 @@ class BatchScheduler:
                 job.cancel.set()
             raise
 
-    # ---------------------------------------------------------------- the scheduler thread
-    def _loop(self) -> None:
+    # ---------------------------------------------------------------- the decoding thread
+    def _drive(self, ticket: _Ticket) -> None:
+        """Run the loop on the calling thread until ``ticket`` is done. Should the caller be
+        interrupted outside a step (a step's own failure is handled in the loop), every job in
+        its batch fails with that error and the waiting ones go on in a scheduler thread."""
         batch = _Batch(self.engine)
+        try:
+            self._loop(batch, until=ticket)
+        except BaseException as exc:
+            with self._cond:
+                for t in {*batch.live, ticket}:
+                    if not t.done:
+                        self._fail(t, exc)
+                self._hand_off(_Batch(self.engine))
+            raise
+
+    def _loop(self, batch: _Batch, until: _Ticket | None = None) -> None:
+        """Iterate until no job is left, or (``until``: a caller driving) until that job is done."""
         while True:
             with self._cond:
+                if until is not None and until.done:
+                    self._hand_off(batch)
+                    return
                 joined = self._admit(batch)
                 if not joined and not batch.live:
                     self._thread = None
@@ -228,6 +257,17 @@ class BatchScheduler:
                 for t in [*batch.live, *joined]:
                     self._fail(t, exc)
                 batch = _Batch(self.engine)
+
+    def _hand_off(self, batch: _Batch) -> None:
+        """The driving caller's job is done: the jobs left (running or waiting) go on in a
+        scheduler thread (not a daemon: exit waits for it; it leaves as soon as it is idle)."""
+        if not batch.live and not self._waiting:
+            self._thread = None
+            self.stats.rows_in_flight = self.stats.jobs_in_flight = 0
+            return
+        self._thread = threading.Thread(target=self._loop, args=(batch,), name="esamp-batch")
+        self._thread.start()
+        release_thread_pool()  # this caller stops decoding; its pool would slow the new thread's
 
     def _admit(self, batch: _Batch) -> list[_Ticket]:
         """Waiting jobs that fit now, in arrival order (a job that does not fit blocks those after it)."""

@@ -227,3 +227,30 @@ def test_batching_off_and_a_bad_row_cap_are_checked(embedded) -> None:
         ESampEngine(embedded, max_batch_rows=0)
     with pytest.raises(TypeError, match="batching"):
         ESampEngine(embedded, batching="yes")  # type: ignore[arg-type]
+
+
+def test_a_lone_call_decodes_on_its_callers_thread_and_hands_longer_company_on(embedded, alone, batched) -> None:
+    """The first call drives the loop on its own thread (no thread switch: GNU OpenMP throttles a
+    second decoding thread's kernels, BENCHMARKS.md section 18); a longer call that joined goes on
+    in a scheduler thread once the first returns, and still gets what it gets alone."""
+    short, longer = chat(embedded, "Count to five."), chat(embedded, "Tell me about owls.")
+    sp_short = SamplingParams(n=1, max_new_tokens=10, seed=1, ignore_eos=True)
+    sp_long = SamplingParams(n=2, max_new_tokens=40, seed=2, ignore_eos=True)
+    reference = alone.generate([longer], sp_long, PLAIN, add_special_tokens=False)
+    threads: dict[str, list[threading.Thread]] = {"short": [], "long": []}
+
+    def on(name: str) -> Callable[..., None]:
+        return lambda *args: threads[name].append(threading.current_thread())
+
+    background = Background(
+        batched, lambda: batched.generate([short], sp_short, PLAIN, add_special_tokens=False, on_token=on("short"))
+    )
+    joined = batched.generate([longer], sp_long, PLAIN, add_special_tokens=False, on_token=on("long"))
+    background.join()
+
+    assert set(threads["short"]) == {background.thread}  # decoded where it was called
+    drivers = list(dict.fromkeys(threads["long"]))  # in order of first appearance
+    assert drivers[0] is background.thread and len(drivers) == 2 and drivers[1].name == "esamp-batch"
+    assert outputs(joined) == outputs(reference)
+    scheduler = batched.scheduler
+    assert scheduler is not None and wait_for(lambda: not scheduler.on_scheduler_thread() and scheduler._thread is None)
