@@ -185,8 +185,8 @@ def _load_fresh(name: str, device: str, dtype: str) -> LoadedModel:
     if getattr(model.config, "is_encoder_decoder", False):
         raise ModelLoadError(f"model {name!r} is an encoder-decoder; only decoder-only causal LMs are supported")
     model.to(device).eval()
-    # Loading ran parallel kernels on this thread; if another thread decodes (a server's request
-    # threads), this thread's idle OpenMP pool would throttle that thread's kernels.
+    # Loading may have run parallel kernels on this thread (conversions, casts); if another thread
+    # decodes (a server's request threads), an idle OpenMP pool here would throttle its kernels.
     release_thread_pool()
     return LoadedModel(model=model, tokenizer=tokenizer, name=identity)
 

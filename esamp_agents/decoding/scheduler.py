@@ -1,8 +1,10 @@
 """Continuous batching: concurrent engine calls decode in one running batch.
 
 Every :meth:`~esamp_agents.decoding.engine.ESampEngine.generate` call becomes a
-:class:`~esamp_agents.decoding.state.DecodeJob` handed to one scheduler thread per engine
-(started when work arrives, gone when there is none). Each iteration:
+:class:`~esamp_agents.decoding.state.DecodeJob` for the engine's one batch loop. The caller that
+finds the loop idle runs it on its own thread until its own job is done (so a lone call never
+changes threads: GNU OpenMP slows a second decoding thread, see :mod:`esamp_agents.decoding.openmp`);
+jobs still running then go on in a scheduler thread, gone as soon as there is no work. Each iteration:
 
 1. **admit** waiting jobs, first come first served, while the rows in flight stay within
    ``max_batch_rows`` (a job larger than the cap runs when the batch is empty), and prefill

@@ -1,7 +1,9 @@
 """Streaming one candidate's text: the engine's generate() on a worker thread, events through a queue.
 
-Closing the iterator cancels the decode (the worker sees the cancel flag at its next step)
-and waits for the worker, so nothing keeps running after the consumer stops listening.
+The consuming thread hands its OpenMP pool back while it waits, so the worker's kernels are not
+throttled (:mod:`esamp_agents.decoding.openmp`). Closing the iterator cancels the decode (the
+worker sees the cancel flag at its next step) and waits for the worker, so nothing keeps running
+after the consumer stops listening.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from esamp_agents.decoding.observers import DecodeObserver
+from esamp_agents.decoding.openmp import release_thread_pool
 from esamp_agents.decoding.params import ESampParams, SamplingParams
 from esamp_agents.decoding.results import Candidate
 
@@ -53,6 +56,7 @@ def stream_events(
 
     worker = threading.Thread(target=work, name="esamp-stream", daemon=True)
     worker.start()
+    release_thread_pool()  # this thread waits while the worker decodes (see decoding.openmp)
     try:
         while True:
             kind, payload = events.get()
