@@ -236,7 +236,7 @@ class BatchScheduler:
             with self._cond:
                 for t in {*batch.live, ticket}:
                     if not t.done:
-                        self._fail(t, exc)
+                        self._fail(t, exc if t is ticket or isinstance(exc, Exception) else _interrupted(exc))
                 self._hand_off(_Batch(self.engine))
             raise
 
@@ -257,7 +257,7 @@ class BatchScheduler:
                     self._iterate(batch, joined)
             except BaseException as exc:  # a shared step failed (e.g. out of memory): every job in it fails
                 for t in [*batch.live, *joined]:
-                    self._fail(t, exc)
+                    self._fail(t, exc if t is until or isinstance(exc, Exception) else _interrupted(exc))
                 batch = _Batch(self.engine)
 
     def _hand_off(self, batch: _Batch) -> None:
@@ -348,6 +348,15 @@ class BatchScheduler:
         self.stats.jobs += 1
         if not ticket.future.done():
             ticket.future.set_exception(exc)
+
+
+def _interrupted(exc: BaseException) -> RuntimeError:
+    """What the other jobs of a batch get when the caller driving it is interrupted mid-step
+    (a KeyboardInterrupt is that caller's, not theirs; the half-done step fails them all)."""
+    name = type(exc).__name__
+    error = RuntimeError(f"the batch this call decoded in was interrupted ({name}) on the thread driving it")
+    error.__cause__ = exc
+    return error
 
 
 __all__ = ["DEFAULT_MAX_BATCH_ROWS", "BatchScheduler", "SchedulerStats"]

@@ -12,6 +12,7 @@ import pytest
 from esamp_agents import ESampParams, Grammar, SamplingParams
 from esamp_agents.decoding.engine import ESampEngine
 from esamp_agents.decoding.results import GenerationResult
+from esamp_agents.decoding.scheduler import _Batch
 from tests.fakes import wait_for
 
 PLAIN = ESampParams(beta=0.0)
@@ -254,3 +255,29 @@ def test_a_lone_call_decodes_on_its_callers_thread_and_hands_longer_company_on(e
     assert outputs(joined) == outputs(reference)
     scheduler = batched.scheduler
     assert scheduler is not None and wait_for(lambda: not scheduler.on_scheduler_thread() and scheduler._thread is None)
+
+
+def test_an_interrupt_on_the_driving_thread_fails_its_company_with_a_clear_error(
+    embedded, batched, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C reaches the thread that drives the loop: that caller gets its KeyboardInterrupt,
+    the call decoding beside it a RuntimeError that says so (the half-done step fails both), and
+    the engine serves the next call."""
+    original = _Batch.feed
+
+    def interrupted_once(self: _Batch) -> None:
+        if self.merged:  # the first forward of both calls together
+            monkeypatch.setattr(_Batch, "feed", original)
+            raise KeyboardInterrupt
+        original(self)
+
+    monkeypatch.setattr(_Batch, "feed", interrupted_once)
+    background = Background(
+        batched, lambda: batched.generate([chat(embedded, "A long story?")], LONG, PLAIN, add_special_tokens=False)
+    )
+    with pytest.raises(RuntimeError, match=r"interrupted \(KeyboardInterrupt\) on the thread driving it"):
+        batched.generate([chat(embedded, "Hi")], LONG, PLAIN, add_special_tokens=False)
+    with pytest.raises(KeyboardInterrupt):
+        background.join()
+    after = batched.generate([chat(embedded, "Hi")], SamplingParams(n=1, max_new_tokens=3, ignore_eos=True), PLAIN)
+    assert len(after[0].candidates[0].token_ids) == 3
