@@ -14,16 +14,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import threading
 from collections.abc import Callable
 
 from esamp_agents import ESampParams, SamplingParams, load_model
 from esamp_agents.decoding.engine import ESampEngine
 
 try:
-    from benchmarks.throughput import parse_shape, prompts_for, run_hf, run_ours
+    from benchmarks.throughput import parse_shape, prompts_for, run_hf, run_on_second_thread, run_ours
 except ImportError:  # run as a script from the benchmarks folder
-    from throughput import parse_shape, prompts_for, run_hf, run_ours  # type: ignore[no-redef]
+    from throughput import parse_shape, prompts_for, run_hf, run_on_second_thread, run_ours  # type: ignore[no-redef]
 
 
 def main() -> None:
@@ -41,16 +40,9 @@ def main() -> None:
     sampling = SamplingParams(n=n, max_new_tokens=args.new_tokens, temperature=0.7, top_k=50, ignore_eos=True, seed=0)
     plain = ESampParams(beta=0.0)
 
-    def on_fresh_thread() -> dict[str, float]:
-        box: dict[str, float] = {}
-        worker = threading.Thread(target=lambda: box.update(run_ours(alone, prompts, sampling, plain)))
-        worker.start()
-        worker.join()
-        return box
-
     modes: dict[str, Callable[[], dict[str, float]]] = {
         "main": lambda: run_ours(alone, prompts, sampling, plain),
-        "thread": on_fresh_thread,
+        "thread": lambda: run_on_second_thread(alone, prompts, sampling, plain),
         "batched": lambda: run_ours(batched, prompts, sampling, plain),
         "hf": lambda: run_hf(batched, prompts, sampling),
     }

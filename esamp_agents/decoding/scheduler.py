@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from collections.abc import Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -234,9 +235,7 @@ class BatchScheduler:
             self._loop(batch, until=ticket)
         except BaseException as exc:
             with self._cond:
-                for t in {*batch.live, ticket}:
-                    if not t.done:
-                        self._fail(t, exc if t is ticket or isinstance(exc, Exception) else _interrupted(exc))
+                self._fail_all({*batch.live, ticket}, exc, ticket)
                 self._hand_off(_Batch(self.engine))
             raise
 
@@ -249,27 +248,28 @@ class BatchScheduler:
                     return
                 joined = self._admit(batch)
                 if not joined and not batch.live:
-                    self._thread = None
-                    self.stats.rows_in_flight = self.stats.jobs_in_flight = 0
+                    self._go_idle()
                     return
             try:
                 with self.engine.loaded.lock, torch.no_grad():
                     self._iterate(batch, joined)
             except BaseException as exc:  # a shared step failed (e.g. out of memory): every job in it fails
-                for t in [*batch.live, *joined]:
-                    self._fail(t, exc if t is until or isinstance(exc, Exception) else _interrupted(exc))
+                self._fail_all([*batch.live, *joined], exc, until)
                 batch = _Batch(self.engine)
 
     def _hand_off(self, batch: _Batch) -> None:
         """The driving caller's job is done: the jobs left (running or waiting) go on in a
         scheduler thread (not a daemon: exit waits for it; it leaves as soon as it is idle)."""
         if not batch.live and not self._waiting:
-            self._thread = None
-            self.stats.rows_in_flight = self.stats.jobs_in_flight = 0
+            self._go_idle()
             return
         self._thread = threading.Thread(target=self._loop, args=(batch,), name="esamp-batch")
         self._thread.start()
         release_thread_pool()  # this caller stops decoding; its pool would slow the new thread's
+
+    def _go_idle(self) -> None:
+        self._thread = None
+        self.stats.rows_in_flight = self.stats.jobs_in_flight = 0
 
     def _admit(self, batch: _Batch) -> list[_Ticket]:
         """Waiting jobs that fit now, in arrival order (a job that does not fit blocks those after it)."""
@@ -342,6 +342,13 @@ class BatchScheduler:
             part = projected[row : row + p.error.shape[0]]
             p.bonus = part if p.cands.ids is None else part.gather(-1, p.cands.ids)
             row += p.error.shape[0]
+
+    def _fail_all(self, tickets: Iterable[_Ticket], exc: BaseException, driver: _Ticket | None) -> None:
+        """Fail every unfinished ticket with ``exc``; an interrupt (not an ``Exception``) is the
+        driving caller's own, so the others get a RuntimeError that says what happened."""
+        for t in tickets:
+            if not t.done:
+                self._fail(t, exc if t is driver or isinstance(exc, Exception) else _interrupted(exc))
 
     def _fail(self, ticket: _Ticket, exc: BaseException) -> None:
         ticket.done = True
