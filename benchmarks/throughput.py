@@ -16,7 +16,10 @@ choice), ``width128`` (``on`` with a Distiller of width 128), ``shared`` (``on``
 for all prompts), ``every`` / ``default_every`` (``on`` / ``default`` training the Distiller once
 every ``--every`` steps), ``thread`` (``off`` decoded on a second thread while the calling thread
 keeps its OpenMP pool: how every call ran before section 18, when a scheduler thread always
-decoded) and ``hf`` (HF ``generate``). Each run also records the minor page faults it caused.
+decoded), ``torch_order`` (``off`` with every matmul in torch's own operand order: how the loop
+computed before section 19), ``hf`` (HF ``generate`` as it comes: torch's own order) and
+``hf_fast`` (HF ``generate`` with the package's few-row matmuls, which ``load_model``
+installs). Each run also records the minor page faults it caused.
 
 Peak memory: ``--memory`` runs each mode of the largest shape in a fresh
 subprocess and reports the peak resident set size (ESamp's extra memory is the
@@ -42,6 +45,7 @@ import torch
 
 from esamp_agents import ESampParams, SamplingParams, load_model
 from esamp_agents.atomic import atomic_write_json
+from esamp_agents.decoding import cpu_matmul
 from esamp_agents.decoding.engine import ESampEngine
 from esamp_agents.evaluation.report import machine_info
 
@@ -118,6 +122,12 @@ def run_on_second_thread(
     return box
 
 
+def in_torch_order(fn: Any, *args: Any) -> dict[str, float]:
+    """``fn(*args)`` with every matmul in torch's own operand order (``cpu_matmul.torch_order``)."""
+    with cpu_matmul.torch_order():
+        return fn(*args)
+
+
 def run_hf(engine: ESampEngine, prompts: list[list[int]], sampling: SamplingParams) -> dict[str, float]:
     loaded = engine.loaded
     width = max(len(p) for p in prompts)
@@ -158,7 +168,10 @@ def summarise(runs: list[dict[str, float]]) -> dict[str, float]:
     }
 
 
-MODES = ("off", "on", "overlap", "default", "width128", "shared", "every", "default_every", "thread", "hf")
+MODES = (
+    "off", "on", "overlap", "default", "width128", "shared", "every", "default_every", "thread", "torch_order",
+    "hf", "hf_fast",
+)  # fmt: skip
 
 
 def bench_shape(engine: ESampEngine, p: int, n: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -167,7 +180,7 @@ def bench_shape(engine: ESampEngine, p: int, n: int, args: argparse.Namespace) -
         n=n, max_new_tokens=args.new_tokens, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, seed=1234, ignore_eos=True,
     )  # fmt: skip
-    modes = [m for m in args.modes if not (m == "hf" and args.no_hf)]
+    modes = [m for m in args.modes if not (m.startswith("hf") and args.no_hf)]
     on = ESampParams(beta=args.beta, warm_start_steps=args.warm_start_steps)
     every = replace(on, distiller_update_every=args.every)
     run = {
@@ -180,7 +193,9 @@ def bench_shape(engine: ESampEngine, p: int, n: int, args: argparse.Namespace) -
         "every": lambda: run_ours(engine, prompts, sampling, every, overlap=False),
         "default_every": lambda: run_ours(engine, prompts, sampling, ESampParams(distiller_update_every=args.every)),
         "thread": lambda: run_on_second_thread(engine, prompts, sampling, ESampParams(beta=0.0)),
-        "hf": lambda: run_hf(engine, prompts, sampling),
+        "torch_order": lambda: in_torch_order(run_ours, engine, prompts, sampling, ESampParams(beta=0.0)),
+        "hf": lambda: in_torch_order(run_hf, engine, prompts, sampling),
+        "hf_fast": lambda: run_hf(engine, prompts, sampling),
     }
     for mode in modes:  # warm-up, not recorded
         run[mode]()
@@ -203,6 +218,10 @@ def bench_shape(engine: ESampEngine, p: int, n: int, args: argparse.Namespace) -
         row[f"paired_{mode}_off"] = {"median": statistics.median(paired), "min": min(paired), "max": max(paired)}
     if "hf" in summary and "off" in summary:
         row["ratio_off_hf"] = summary["off"]["median_tokens_per_s"] / summary["hf"]["median_tokens_per_s"]
+    for base in ("hf", "hf_fast"):
+        if base in summary and "off" in summary:
+            paired = [rate(a) / rate(b) for a, b in zip(results["off"], results[base], strict=True)]
+            row[f"paired_off_{base}"] = {"median": statistics.median(paired), "min": min(paired), "max": max(paired)}
     return row
 
 
@@ -274,7 +293,7 @@ def main() -> None:
         "peak_rss_mb": memory,
     }
     atomic_write_json(args.out, result)
-    others = [m for m in args.modes if m not in ("off", "hf")]
+    others = [m for m in args.modes if m != "off" and not m.startswith("hf")]
     print("\n| shape | off tok/s | " + " | ".join(f"{m} tok/s | {m}/off (paired median [min-max]) | {m} Distiller share"
                                          for m in others) + " | off/HF |")  # fmt: skip
     print("|---|---|" + "---|---|---|" * len(others) + "---|")

@@ -28,6 +28,7 @@ from transformers import StaticCache
 
 from esamp_agents.constrained.grammar import Grammar
 from esamp_agents.constrained.rows import row_constraints
+from esamp_agents.decoding import cpu_matmul
 from esamp_agents.decoding.batch_cache import cache_argument, repeat_cache_rows
 from esamp_agents.decoding.distiller import BatchedDistiller
 from esamp_agents.decoding.loading import LoadedModel, load_model
@@ -179,6 +180,9 @@ class ESampEngine:
         if workspace is None or weight.dtype != torch.float32 or hidden.dtype != torch.float32:
             return F.linear(hidden, weight, bias).float()
         out = workspace.get("logits", (hidden.shape[0], weight.shape[0]), torch.float32, hidden.device)
+        if cpu_matmul.applies(hidden.shape[0], weight, hidden):
+            cpu_matmul.few_row_mm(hidden, weight, out=out)
+            return out if bias is None else out.add_(bias)
         if bias is None:
             return torch.mm(hidden, weight.t(), out=out)
         return torch.addmm(bias, hidden, weight.t(), out=out)
@@ -195,7 +199,7 @@ class ESampEngine:
         weight = self._head_weight
         error = error.to(weight.dtype)
         if self._projects_densely(ids):
-            dense = F.linear(error, weight).float()
+            dense = cpu_matmul.linear(error, weight).float()
             return dense if ids is None else dense.gather(-1, ids)
         rows_w = weight.index_select(0, ids.flatten()).view(*ids.shape, -1)  # [rows, k, d]
         return torch.bmm(rows_w, error.unsqueeze(-1)).squeeze(-1).float()

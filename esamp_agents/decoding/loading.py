@@ -163,6 +163,8 @@ def _resolve_dtype(dtype: str, device: str) -> Any:
 def _load_fresh(name: str, device: str, dtype: str) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from esamp_agents.decoding import cpu_matmul
+
     torch_dtype = _resolve_dtype(dtype, device)
     if name == EMBEDDED:
         gguf = embedded_model_file()
@@ -185,6 +187,7 @@ def _load_fresh(name: str, device: str, dtype: str) -> LoadedModel:
     if getattr(model.config, "is_encoder_decoder", False):
         raise ModelLoadError(f"model {name!r} is an encoder-decoder; only decoder-only causal LMs are supported")
     model.to(device).eval()
+    cpu_matmul.install(model)  # few-row float32 products in MKL's fast operand order (a no-op elsewhere)
     # Loading may have run parallel kernels on this thread (conversions, casts); if another thread
     # decodes (a server's request threads), an idle OpenMP pool here would throttle its kernels.
     release_thread_pool()

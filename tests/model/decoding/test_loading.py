@@ -54,3 +54,22 @@ def test_models_without_a_chat_template_get_a_transcript(embedded):
     bare = LoadedModel(model=embedded.model, tokenizer=SimpleNamespace(chat_template=None), name="bare")
     text = bare.apply_chat_template([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
     assert text == "System: Be brief.\nUser: Hi\nAssistant:"
+
+
+def test_loaded_float32_model_computes_few_row_products_in_the_fast_order(embedded):
+    """load_model gives every float32 linear layer the few-row path (MKL here); the model's
+    outputs agree with torch's own order to float32 rounding."""
+    import torch
+
+    from esamp_agents.decoding import cpu_matmul
+
+    if not torch.backends.mkl.is_available():
+        return  # the rule is MKL's; without it load_model installs nothing (unit-tested)
+    linears = [m for m in embedded.model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(type(m) is cpu_matmul.FewRowLinear for m in linears)
+    ids = torch.tensor([embedded.tokenizer("What is 2 + 3?").input_ids])
+    with torch.no_grad():
+        fast = embedded.model(input_ids=ids[:, -1:]).logits  # one row: the few-row path
+        with cpu_matmul.torch_order():
+            stock = embedded.model(input_ids=ids[:, -1:]).logits
+    torch.testing.assert_close(fast, stock, atol=1e-4, rtol=1e-4)  # the same to float32 rounding
