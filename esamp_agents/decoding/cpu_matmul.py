@@ -1,10 +1,10 @@
 """Few-row float32 matmuls on the CPU, taken the way MKL runs them fast.
 
-A decode step multiplies a few rows (one per sequence) by every weight matrix: ``x @ W^T`` with
-``x`` of 1-64 rows. torch computes that product with MKL, and MKL's kernel for this operand
-order streams the weights at 7-11 GB/s on the benchmark machine (a quarter of its bandwidth)
-and gets slower, not faster, at 2-3 rows than at 1. The same product taken as ``(W @ x^T)^T``
-streams them at 14-20 GB/s; a single row must be given as two columns (one column falls back
+A decode step multiplies one row per sequence by every weight matrix: ``x @ W^T`` with a few
+rows. torch computes that product with MKL, whose kernel for this operand order streams the
+weights at 5-11 GB/s on the benchmark machine with 1-7 rows (a quarter of its bandwidth or
+less), and more slowly at 2-3 rows than at 1. The same product taken as ``(W @ x^T)^T``
+streams them at 14-26 GB/s; a single row must be given as two columns (one column falls back
 to a matrix-vector kernel as slow as the original). Same weights, same dot products, summed
 in another order: results agree to float32 rounding (~1e-5 on the logits), not bit for bit.
 BENCHMARKS.md section 19 has the measurements and the rule's limits.
@@ -25,10 +25,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-# Up to this many rows the transposed order was faster at every row count measured
-# (BENCHMARKS.md section 19); above it (prefill, large batches) both orders are compute-bound
-# and torch's own is kept.
-MAX_ROWS = 64
+# Up to this many rows the transposed order was 1.4-3.9x faster in every run (BENCHMARKS.md
+# section 19); at 8 rows the two tie, at 12 torch's is faster, from 16 to 128 they are within
+# a few percent and at 256 torch's wins: there torch's own order is kept.
+MAX_ROWS = 7
 _disabled = 0  # > 0 inside :func:`torch_order` blocks
 
 

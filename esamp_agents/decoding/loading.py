@@ -205,6 +205,10 @@ def load_model(
 
     ``model`` is ``"embedded"``, an HF model id or local path, a :class:`LoadedModel`,
     or an already-loaded ``PreTrainedModel`` (then pass ``tokenizer`` too).
+
+    A model loaded here in float32 on the CPU computes its few-row products in MKL's faster
+    operand order (:mod:`esamp_agents.decoding.cpu_matmul`); a model object passed in is
+    left as it is (``cpu_matmul.install(model)`` opts it in).
     """
     if isinstance(model, LoadedModel):
         return model

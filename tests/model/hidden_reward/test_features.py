@@ -108,9 +108,12 @@ def test_recorder_keeps_one_row_per_token_and_equals_posthoc(embedded, decoded, 
     post = posthoc_features(embedded, *pairs(out), spec, dtype=torch.float32, batch_size=4)
     recorded = [f for row in feats for f in row]
     worst = max((a - b).abs().max().item() for a, b in zip(recorded, post, strict=True))
+    # The decode computes few-row products in another summation order than the post-hoc
+    # prefill (esamp_agents.decoding.cpu_matmul): float32 rounding through 30 layers, measured
+    # at most 7.7e-4 absolute / 1.4e-5 relative (1.4e-4 before that change).
     for a, b in zip(recorded, post, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
-    assert worst < 1e-3  # measured ~1.4e-4 on states of magnitude ~600
+        torch.testing.assert_close(a, b, rtol=3e-5, atol=1e-4)
+    assert worst < 2e-3
 
 
 def test_reward_observer_equals_posthoc_rewards(embedded, decoded, heads) -> None:

@@ -12,7 +12,7 @@ from esamp_agents.decoding import cpu_matmul
 needs_mkl = pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="the rule is MKL's")
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 7, 64])
+@pytest.mark.parametrize("rows", [1, 2, 3, 7, 8, 64])
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear_equals_torchs_for_few_rows(rows: int, bias: bool) -> None:
     g = torch.Generator().manual_seed(rows)
