@@ -60,13 +60,26 @@ def few_row_mm(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None =
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear`` that takes :func:`few_row_mm` when :func:`applies`."""
-    rows = x.numel() // x.shape[-1] if x.dim() else 0
-    if x.dim() == 0 or rows == 0 or not applies(rows, weight, x):
+    if x.numel() == 0 or x.dim() == 0:
+        return F.linear(x, weight, bias)
+    rows = x.numel() // x.shape[-1]
+    if not applies(rows, weight, x):
         return F.linear(x, weight, bias)
     out = few_row_mm(x.reshape(rows, x.shape[-1]), weight)
     if bias is not None:
         out += bias
     return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def linear_into(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+    """``F.linear`` of a 2-D ``x`` written into ``out`` (``[rows, out_features]``), in the order
+    :func:`applies` picks; torch's own is ``mm`` / ``addmm``, which is what ``F.linear`` calls."""
+    if applies(x.shape[0], weight, x):
+        few_row_mm(x, weight, out=out)
+        return out if bias is None else out.add_(bias)
+    if bias is None:
+        return torch.mm(x, weight.t(), out=out)
+    return torch.addmm(bias, x, weight.t(), out=out)
 
 
 class FewRowLinear(nn.Linear):
@@ -112,4 +125,6 @@ def torch_order() -> Iterator[None]:
         _disabled -= 1
 
 
-__all__ = ["MAX_ROWS", "FewRowLinear", "applies", "few_row_mm", "install", "linear", "torch_order", "uninstall"]
+__all__ = [
+    "MAX_ROWS", "FewRowLinear", "applies", "few_row_mm", "install", "linear", "linear_into", "torch_order", "uninstall",
+]  # fmt: skip

@@ -180,12 +180,7 @@ class ESampEngine:
         if workspace is None or weight.dtype != torch.float32 or hidden.dtype != torch.float32:
             return F.linear(hidden, weight, bias).float()
         out = workspace.get("logits", (hidden.shape[0], weight.shape[0]), torch.float32, hidden.device)
-        if cpu_matmul.applies(hidden.shape[0], weight, hidden):
-            cpu_matmul.few_row_mm(hidden, weight, out=out)
-            return out if bias is None else out.add_(bias)
-        if bias is None:
-            return torch.mm(hidden, weight.t(), out=out)
-        return torch.addmm(bias, hidden, weight.t(), out=out)
+        return cpu_matmul.linear_into(hidden, weight, bias, out)
 
     def _cap(self, logits: torch.Tensor) -> torch.Tensor:
         if self._softcap:

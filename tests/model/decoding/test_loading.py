@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
+
 from esamp_agents.decoding import loading
 from esamp_agents.decoding.loading import (
     EMBEDDED,
@@ -64,7 +66,7 @@ def test_loaded_float32_model_computes_few_row_products_in_the_fast_order(embedd
     from esamp_agents.decoding import cpu_matmul
 
     if not torch.backends.mkl.is_available():
-        return  # the rule is MKL's; without it load_model installs nothing (unit-tested)
+        pytest.skip("the rule is MKL's; without it load_model installs nothing (unit-tested)")
     linears = [m for m in embedded.model.modules() if isinstance(m, torch.nn.Linear)]
     assert linears and all(type(m) is cpu_matmul.FewRowLinear for m in linears)
     ids = torch.tensor([embedded.tokenizer("What is 2 + 3?").input_ids])

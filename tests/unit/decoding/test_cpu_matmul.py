@@ -42,6 +42,14 @@ def test_the_rule_covers_float32_cpu_products_of_at_most_max_rows() -> None:
     assert cpu_matmul.applies(1, f32, f32)
 
 
+@pytest.mark.parametrize("rows", [1, cpu_matmul.MAX_ROWS + 1])
+def test_linear_into_writes_torchs_result_into_the_buffer(rows: int) -> None:
+    weight, bias, x = torch.randn(50, 8), torch.randn(50), torch.randn(rows, 8)
+    out = torch.full((rows, 50), float("nan"))
+    assert cpu_matmul.linear_into(x, weight, bias, out) is out
+    torch.testing.assert_close(out, F.linear(x, weight, bias))
+
+
 def test_more_rows_and_other_dtypes_take_torchs_own_path(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[int] = []
     monkeypatch.setattr(cpu_matmul, "few_row_mm", lambda x, w, out=None: calls.append(x.shape[0]))
