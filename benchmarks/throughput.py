@@ -17,9 +17,10 @@ for all prompts), ``every`` / ``default_every`` (``on`` / ``default`` training t
 every ``--every`` steps), ``thread`` (``off`` decoded on a second thread while the calling thread
 keeps its OpenMP pool: how every call ran before section 18, when a scheduler thread always
 decoded), ``torch_order`` (``off`` with every matmul in torch's own operand order: how the loop
-computed before section 19), ``hf`` (HF ``generate`` as it comes: torch's own order) and
-``hf_fast`` (HF ``generate`` with the package's few-row matmuls, which ``load_model``
-installs). Each run also records the minor page faults it caused.
+computed before section 19), ``transposed`` (``off`` with every product of 1-7 rows transposed:
+section 19's fixed rule, before the order was measured per machine), ``hf`` (HF ``generate`` as
+it comes: torch's own order) and ``hf_fast`` (HF ``generate`` with the package's few-row matmuls
+in the order ``load_model`` measured). Each run also records the minor page faults it caused.
 
 Peak memory: ``--memory`` runs each mode of the largest shape in a fresh
 subprocess and reports the peak resident set size (ESamp's extra memory is the
@@ -128,6 +129,21 @@ def in_torch_order(fn: Any, *args: Any) -> dict[str, float]:
         return fn(*args)
 
 
+def cpu_matmul_rule() -> dict[str, Any]:
+    """The few-row order rule this run decoded with, and the measurement behind it."""
+    measured = cpu_matmul.last_calibration()
+    return {
+        "fast_rows": sorted(cpu_matmul.fast_rows()),
+        "speedups": None if measured is None else [round(s, 3) for s in measured.speedups],
+    }
+
+
+def in_transposed_order(fn: Any, *args: Any) -> dict[str, float]:
+    """``fn(*args)`` with every product of 1-7 rows in the transposed order (section 19's fixed rule)."""
+    with cpu_matmul.fast_rows_set_to(range(1, 8)):
+        return fn(*args)
+
+
 def run_hf(engine: ESampEngine, prompts: list[list[int]], sampling: SamplingParams) -> dict[str, float]:
     loaded = engine.loaded
     width = max(len(p) for p in prompts)
@@ -170,7 +186,7 @@ def summarise(runs: list[dict[str, float]]) -> dict[str, float]:
 
 MODES = (
     "off", "on", "overlap", "default", "width128", "shared", "every", "default_every", "thread", "torch_order",
-    "hf", "hf_fast",
+    "transposed", "hf", "hf_fast",
 )  # fmt: skip
 
 
@@ -194,6 +210,7 @@ def bench_shape(engine: ESampEngine, p: int, n: int, args: argparse.Namespace) -
         "default_every": lambda: run_ours(engine, prompts, sampling, ESampParams(distiller_update_every=args.every)),
         "thread": lambda: run_on_second_thread(engine, prompts, sampling, ESampParams(beta=0.0)),
         "torch_order": lambda: in_torch_order(run_ours, engine, prompts, sampling, ESampParams(beta=0.0)),
+        "transposed": lambda: in_transposed_order(run_ours, engine, prompts, sampling, ESampParams(beta=0.0)),
         "hf": lambda: in_torch_order(run_hf, engine, prompts, sampling),
         "hf_fast": lambda: run_hf(engine, prompts, sampling),
     }
@@ -288,6 +305,7 @@ def main() -> None:
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "date": dt.datetime.now().isoformat(timespec="seconds"),
         "machine": machine_info(),
+        "cpu_matmul": cpu_matmul_rule(),
         "settings": {k: v for k, v in vars(args).items() if k not in ("out", "shapes")},
         "rows": rows,
         "peak_rss_mb": memory,

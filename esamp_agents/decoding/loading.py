@@ -166,6 +166,7 @@ def _load_fresh(name: str, device: str, dtype: str) -> LoadedModel:
     from esamp_agents.decoding import cpu_matmul
 
     torch_dtype = _resolve_dtype(dtype, device)
+    cpu_matmul.mode_from_env()  # a bad ESAMP_CPU_MATMUL fails before the model loads
     if name == EMBEDDED:
         gguf = embedded_model_file()
         source, extra = str(gguf.parent), {"gguf_file": gguf.name}
@@ -187,7 +188,7 @@ def _load_fresh(name: str, device: str, dtype: str) -> LoadedModel:
     if getattr(model.config, "is_encoder_decoder", False):
         raise ModelLoadError(f"model {name!r} is an encoder-decoder; only decoder-only causal LMs are supported")
     model.to(device).eval()
-    cpu_matmul.install(model)  # few-row float32 products in MKL's fast operand order (a no-op elsewhere)
+    cpu_matmul.install(model)  # few-row float32 products in the operand order measured faster here (CPU + MKL)
     # Loading may have run parallel kernels on this thread (conversions, casts); if another thread
     # decodes (a server's request threads), an idle OpenMP pool here would throttle its kernels.
     release_thread_pool()
@@ -206,9 +207,10 @@ def load_model(
     ``model`` is ``"embedded"``, an HF model id or local path, a :class:`LoadedModel`,
     or an already-loaded ``PreTrainedModel`` (then pass ``tokenizer`` too).
 
-    A model loaded here in float32 on the CPU computes its few-row products in MKL's faster
-    operand order (:mod:`esamp_agents.decoding.cpu_matmul`); a model object passed in is
-    left as it is (``cpu_matmul.install(model)`` opts it in).
+    A model loaded here in float32 on the CPU computes its few-row products in whichever operand
+    order measured faster on this machine (:mod:`esamp_agents.decoding.cpu_matmul`: both are timed
+    on the model's weights at its first load, about a second; ``ESAMP_CPU_MATMUL=torch`` skips
+    that); a model object passed in is left as it is (``cpu_matmul.install(model)`` opts it in).
     """
     if isinstance(model, LoadedModel):
         return model

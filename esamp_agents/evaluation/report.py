@@ -27,6 +27,21 @@ SELECTOR_LABELS = {
 Interval = dict[str, float | None]
 
 
+def _cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo; elsewhere what ``platform`` knows): hosts of
+    one VM kind differ, and some results (the few-row matmul order) depend on it."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
+            for line in info:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def machine_info() -> dict[str, Any]:
     """Where a measurement ran (platform, CPU count, torch version and threads): benchmark results
     record it beside their numbers, since speed figures mean nothing without the machine."""
@@ -37,6 +52,7 @@ def machine_info() -> dict[str, Any]:
 
     return {
         "platform": platform.platform(),
+        "cpu_model": _cpu_model(),
         "cpus": os.cpu_count(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),

@@ -58,9 +58,10 @@ def test_models_without_a_chat_template_get_a_transcript(embedded):
     assert text == "System: Be brief.\nUser: Hi\nAssistant:"
 
 
-def test_loaded_float32_model_computes_few_row_products_in_the_fast_order(embedded):
-    """load_model gives every float32 linear layer the few-row path (MKL here); the model's
-    outputs agree with torch's own order to float32 rounding."""
+def test_loaded_float32_model_measures_the_few_row_order_and_agrees_with_torchs(embedded):
+    """load_model gives every float32 linear layer the few-row path (MKL here) and settles, by
+    timing both orders on the model's weights, which row counts take the transposed one; either
+    way the model's outputs agree with torch's own order to float32 rounding."""
     import torch
 
     from esamp_agents.decoding import cpu_matmul
@@ -69,8 +70,14 @@ def test_loaded_float32_model_computes_few_row_products_in_the_fast_order(embedd
         pytest.skip("the rule is MKL's; without it load_model installs nothing (unit-tested)")
     linears = [m for m in embedded.model.modules() if isinstance(m, torch.nn.Linear)]
     assert linears and all(type(m) is cpu_matmul.FewRowLinear for m in linears)
+    if cpu_matmul.mode_from_env() == "auto":
+        measured = cpu_matmul.last_calibration()
+        assert measured is not None and measured.rows == tuple(range(1, cpu_matmul.MAX_ROWS + 1))
+        # a 168 MB budget in module order, plus the 113 MB LM head kept as a shape of its own
+        assert 150 < measured.megabytes < 400 and all(t > 0 for t in measured.torch_ms + measured.transposed_ms)
+        assert cpu_matmul.fast_rows() == measured.fast_rows
     ids = torch.tensor([embedded.tokenizer("What is 2 + 3?").input_ids])
-    with torch.no_grad():
+    with torch.no_grad(), cpu_matmul.fast_rows_set_to({1}):  # the transposed path, whatever was chosen
         fast = embedded.model(input_ids=ids[:, -1:]).logits  # one row: the few-row path
         with cpu_matmul.torch_order():
             stock = embedded.model(input_ids=ids[:, -1:]).logits
