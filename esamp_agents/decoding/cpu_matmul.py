@@ -8,10 +8,10 @@ the weights 1.4-3.9x faster at 1-7 rows (BENCHMARKS.md section 19); on an Intel 
 2x *slower* at 1-3 rows and tied at 7-8 (section 20). So the order is measured, not assumed:
 :func:`install` (which :func:`~esamp_agents.decoding.loading.load_model` calls on the models it
 loads) times both orders on that model's own weights for every row count up to ``MAX_ROWS``
-(about a second, once per process and thread count) and the transposed order is taken only for
-the row counts where it won by ``MIN_SPEEDUP``; everything else keeps torch's own order. Same
-weights, same dot products, summed in another order: results agree to float32 rounding (~1e-5
-on the logits), not bit for bit.
+(about 1.5 s, once per process and thread count) and the transposed order is taken only for
+the row counts where it won by ``MIN_SPEEDUP`` (smoothed over neighbouring row counts);
+everything else keeps torch's own order. Same weights, same dot products, summed in another
+order: results agree to float32 rounding (~1e-5 on the logits), not bit for bit.
 
 Only float32 weights on the CPU with MKL are candidates; bfloat16 (oneDNN) was slower this way
 and keeps torch's own. ``ESAMP_CPU_MATMUL`` overrides the measurement: ``auto`` (the default,
@@ -24,6 +24,7 @@ measure), ``torch`` (never transpose) or ``transposed`` (every row count up to `
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -74,7 +75,16 @@ class Calibration:
 
     @property
     def fast_rows(self) -> frozenset[int]:
-        return frozenset(r for r, s in zip(self.rows, self.speedups, strict=True) if s >= MIN_SPEEDUP)
+        """Row counts whose speed-up, smoothed with their measured neighbours' (geometric mean), is
+        at least ``MIN_SPEEDUP`` and whose own is at least 1: on a noisy machine one lucky timing
+        must not flip a row count that both its neighbours say is slower."""
+        s = self.speedups
+        chosen = set()
+        for i, r in enumerate(self.rows):
+            window = s[max(0, i - 1) : i + 2]
+            if s[i] >= 1.0 and math.prod(window) ** (1.0 / len(window)) >= MIN_SPEEDUP:
+                chosen.add(r)
+        return frozenset(chosen)
 
 
 def mode_from_env() -> str:

@@ -61,10 +61,15 @@ def test_set_fast_rows_rejects_row_counts_outside_1_to_max_rows(rows: list) -> N
 
 
 def test_the_transposed_order_is_chosen_only_where_it_won_by_the_margin() -> None:
-    result = cpu_matmul.Calibration(
-        rows=(1, 2, 3), torch_ms=(30.0, 30.0, 30.0), transposed_ms=(15.0, 29.0, 31.0), megabytes=256.0, threads=2
-    )
-    assert result.speedups[0] == 2.0 and result.fast_rows == {1}  # 1.03x is a tie: torch's order stays
+    def rule(*speedups: float) -> frozenset[int]:
+        n = len(speedups)
+        transposed = tuple(30.0 / s for s in speedups)
+        return cpu_matmul.Calibration(tuple(range(1, n + 1)), (30.0,) * n, transposed, 1.0, 2).fast_rows
+
+    assert rule(2.0, 1.03, 0.97) == {1, 2}  # 2 is within a clear win's neighbourhood; 3 is slower itself
+    assert rule(1.05, 1.03, 1.08) == frozenset()  # ties keep torch's order
+    assert rule(0.5, 1.3, 0.5) == frozenset()  # one lucky timing between two losses
+    assert rule(0.5, 0.5, 1.2, 1.3) == {4}  # 3 is held back by its neighbour (1.2 x 0.5 x 1.3 < 1.1^3)
 
 
 def test_measure_times_both_orders_for_every_row_count() -> None:
@@ -123,13 +128,13 @@ def test_auto_measures_once_per_thread_count_and_sets_the_rule(monkeypatch: pyte
 
     def fake_measure(weights, rows=range(1, cpu_matmul.MAX_ROWS + 1), reps=3):
         calls.append(len(weights))
-        return cpu_matmul.Calibration((1, 2), (20.0, 20.0), (10.0, 20.0), 1.0, torch.get_num_threads())
+        return cpu_matmul.Calibration((1, 2, 3), (20.0,) * 3, (10.0, 10.0, 40.0), 1.0, torch.get_num_threads())
 
     monkeypatch.setattr(cpu_matmul, "measure", fake_measure)
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
-    assert cpu_matmul.install(model) == 2 and cpu_matmul.fast_rows() == {1}
-    assert cpu_matmul.last_calibration().fast_rows == {1}
-    assert cpu_matmul.calibrate(model) == {1} and calls == [2]  # measured once
+    assert cpu_matmul.install(model) == 2 and cpu_matmul.fast_rows() == {1, 2}
+    assert cpu_matmul.last_calibration().fast_rows == {1, 2}
+    assert cpu_matmul.calibrate(model) == {1, 2} and calls == [2]  # measured once
     cpu_matmul.calibrate(model, force=True)
     assert calls == [2, 2]
 
