@@ -18,7 +18,9 @@ every ``--every`` steps), ``thread`` (``off`` decoded on a second thread while t
 keeps its OpenMP pool: how every call ran before section 18, when a scheduler thread always
 decoded), ``torch_order`` (``off`` with every matmul in torch's own operand order: how the loop
 computed before section 19), ``transposed`` (``off`` with every product of 1-7 rows transposed:
-section 19's fixed rule, before the order was measured per machine), ``hf`` (HF ``generate`` as
+section 19's fixed rule, before the order was measured per machine), ``hf_step`` (``off`` with
+every decode step through HF's own forward instead of the lean Llama step: the loop before
+section 21), ``hf`` (HF ``generate`` as
 it comes: torch's own order) and ``hf_fast`` (HF ``generate`` with the package's few-row matmuls
 in the order ``load_model`` measured). Each run also records the minor page faults it caused.
 
@@ -46,7 +48,7 @@ import torch
 
 from esamp_agents import ESampParams, SamplingParams, load_model
 from esamp_agents.atomic import atomic_write_json
-from esamp_agents.decoding import cpu_matmul
+from esamp_agents.decoding import cpu_matmul, fast_decode
 from esamp_agents.decoding.engine import ESampEngine
 from esamp_agents.evaluation.report import machine_info
 
@@ -138,6 +140,12 @@ def cpu_matmul_rule() -> dict[str, Any]:
     }
 
 
+def in_hf_forward(fn: Any, *args: Any) -> dict[str, float]:
+    """``fn(*args)`` with every decode step through HF's forward (``fast_decode.hf_forward``)."""
+    with fast_decode.hf_forward():
+        return fn(*args)
+
+
 def in_transposed_order(fn: Any, *args: Any) -> dict[str, float]:
     """``fn(*args)`` with every product of 1-7 rows in the transposed order (section 19's fixed rule)."""
     with cpu_matmul.fast_rows_set_to(range(1, 8)):
@@ -186,7 +194,7 @@ def summarise(runs: list[dict[str, float]]) -> dict[str, float]:
 
 MODES = (
     "off", "on", "overlap", "default", "width128", "shared", "every", "default_every", "thread", "torch_order",
-    "transposed", "hf", "hf_fast",
+    "transposed", "hf_step", "hf", "hf_fast",
 )  # fmt: skip
 
 
@@ -211,6 +219,7 @@ def bench_shape(engine: ESampEngine, p: int, n: int, args: argparse.Namespace) -
         "thread": lambda: run_on_second_thread(engine, prompts, sampling, ESampParams(beta=0.0)),
         "torch_order": lambda: in_torch_order(run_ours, engine, prompts, sampling, ESampParams(beta=0.0)),
         "transposed": lambda: in_transposed_order(run_ours, engine, prompts, sampling, ESampParams(beta=0.0)),
+        "hf_step": lambda: in_hf_forward(run_ours, engine, prompts, sampling, ESampParams(beta=0.0)),
         "hf": lambda: in_torch_order(run_hf, engine, prompts, sampling),
         "hf_fast": lambda: run_hf(engine, prompts, sampling),
     }

@@ -28,7 +28,7 @@ from transformers import StaticCache
 
 from esamp_agents.constrained.grammar import Grammar
 from esamp_agents.constrained.rows import row_constraints
-from esamp_agents.decoding import cpu_matmul
+from esamp_agents.decoding import cpu_matmul, fast_decode
 from esamp_agents.decoding.batch_cache import cache_argument, repeat_cache_rows
 from esamp_agents.decoding.distiller import BatchedDistiller
 from esamp_agents.decoding.loading import LoadedModel, load_model
@@ -104,6 +104,8 @@ class ESampEngine:
         self._head_bias: torch.Tensor | None = getattr(head, "bias", None)
         self._softcap: float | None = getattr(self.loaded.config, "final_logit_softcapping", None)
         self._cache_name = cache_argument(self._base)
+        # One token per row through a Llama-architecture model: the lean step (HF's arithmetic, fewer ops)
+        self._decode_step = fast_decode.for_model(self.loaded.model)
         self._live_check_every: int | None = None  # None: every step on the CPU, LIVE_CHECK_EVERY elsewhere
         if overlap_distiller is None:
             overlap_distiller = OVERLAP_BY_DEFAULT.get(self.loaded.device.type, False)
@@ -235,8 +237,11 @@ class ESampEngine:
 
     def _forward(
         self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any
-    ) -> tuple[Any, tuple[torch.Tensor, ...]]:
+    ) -> tuple[Any, Sequence[torch.Tensor]]:
         """One model call: (the KV cache to pass next time, every layer's hidden states)."""
+        step = self._decode_step
+        if step is not None and step.serves(input_ids, mask, cache):
+            return step(input_ids, mask, positions, cache)
         out = self._base(
             input_ids=input_ids,
             attention_mask=mask,
@@ -284,6 +289,12 @@ class ESampEngine:
                 return self._decode(encoded, sampling, esamp, observers, on_text, cancel, constraints, on_token)
         cancel = cancel or threading.Event()  # so an interrupted wait can cancel the job
         return scheduler.run(DecodeJob(encoded, sampling, esamp, observers, on_text, cancel, constraints, on_token))
+
+    @property
+    def uses_lean_decode_step(self) -> bool:
+        """Whether decode steps run :class:`~esamp_agents.decoding.fast_decode.LlamaDecodeStep`
+        (a Llama-architecture model, ``ESAMP_FAST_DECODE`` not 0) instead of HF's forward."""
+        return self._decode_step is not None
 
     @property
     def scheduler(self) -> BatchScheduler | None:

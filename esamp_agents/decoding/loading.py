@@ -163,10 +163,11 @@ def _resolve_dtype(dtype: str, device: str) -> Any:
 def _load_fresh(name: str, device: str, dtype: str) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from esamp_agents.decoding import cpu_matmul
+    from esamp_agents.decoding import cpu_matmul, fast_decode
 
     torch_dtype = _resolve_dtype(dtype, device)
     cpu_matmul.mode_from_env()  # a bad ESAMP_CPU_MATMUL fails before the model loads
+    fast_decode.enabled_from_env()  # and so does a bad ESAMP_FAST_DECODE
     if name == EMBEDDED:
         gguf = embedded_model_file()
         source, extra = str(gguf.parent), {"gguf_file": gguf.name}

@@ -195,6 +195,22 @@ def test_seeded_esamp_tokens_are_pinned(engine: ESampEngine, embedded) -> None:
     assert out[0].candidates[0].logprobs[:2] == pytest.approx([-1.2011, -1.0729], abs=1e-4)
 
 
+def test_the_lean_decode_step_samples_what_hf_forward_samples(engine: ESampEngine, chat_prompt: str) -> None:
+    """The embedded model (Llama architecture) decodes through the lean step; HF's forward, on the
+    same seed, samples the same tokens with the same log-probabilities, ESamp on."""
+    from esamp_agents.decoding import fast_decode
+
+    assert engine.uses_lean_decode_step
+    sp = SamplingParams(n=3, max_new_tokens=12, seed=9)
+    lean = engine.generate([chat_prompt, "Name a colour:"], sp, ESampParams(beta=0.3), add_special_tokens=False)
+    with fast_decode.hf_forward():
+        hf = engine.generate([chat_prompt, "Name a colour:"], sp, ESampParams(beta=0.3), add_special_tokens=False)
+    assert tokens_of(lean) == tokens_of(hf)
+    for a, b in zip(lean, hf, strict=True):
+        for x, y in zip(a.candidates, b.candidates, strict=True):
+            assert x.logprobs == pytest.approx(y.logprobs, abs=1e-4)
+
+
 def test_sparse_projection_equals_dense(engine: ESampEngine) -> None:
     g = torch.Generator().manual_seed(2)
     error = torch.randn(3, engine.loaded.hidden_size, generator=g)
