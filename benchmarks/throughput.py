@@ -198,13 +198,16 @@ MODES = (
 )  # fmt: skip
 
 
+HF_MODES = ("hf", "hf_fast")  # HF generate's own loop (--no-hf skips them)
+
+
 def bench_shape(engine: ESampEngine, p: int, n: int, args: argparse.Namespace) -> dict[str, Any]:
     prompts = prompts_for(engine, p)
     sampling = SamplingParams(
         n=n, max_new_tokens=args.new_tokens, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, seed=1234, ignore_eos=True,
     )  # fmt: skip
-    modes = [m for m in args.modes if not (m.startswith("hf") and args.no_hf)]
+    modes = [m for m in args.modes if not (m in HF_MODES and args.no_hf)]
     on = ESampParams(beta=args.beta, warm_start_steps=args.warm_start_steps)
     every = replace(on, distiller_update_every=args.every)
     run = {
@@ -320,7 +323,7 @@ def main() -> None:
         "peak_rss_mb": memory,
     }
     atomic_write_json(args.out, result)
-    others = [m for m in args.modes if m != "off" and not m.startswith("hf")]
+    others = [m for m in args.modes if m != "off" and m not in HF_MODES]
     print("\n| shape | off tok/s | " + " | ".join(f"{m} tok/s | {m}/off (paired median [min-max]) | {m} Distiller share"
                                          for m in others) + " | off/HF |")  # fmt: skip
     print("|---|---|" + "---|---|---|" * len(others) + "---|")
