@@ -104,8 +104,7 @@ class ESampEngine:
         self._head_bias: torch.Tensor | None = getattr(head, "bias", None)
         self._softcap: float | None = getattr(self.loaded.config, "final_logit_softcapping", None)
         self._cache_name = cache_argument(self._base)
-        # One token per row through a Llama-architecture model: the lean step (HF's arithmetic, fewer ops)
-        self._decode_step = fast_decode.for_model(self.loaded.model)
+        self._decode_step = fast_decode.for_model(self.loaded.model)  # Llama decode steps without HF's module stack
         self._live_check_every: int | None = None  # None: every step on the CPU, LIVE_CHECK_EVERY elsewhere
         if overlap_distiller is None:
             overlap_distiller = OVERLAP_BY_DEFAULT.get(self.loaded.device.type, False)
@@ -292,8 +291,7 @@ class ESampEngine:
 
     @property
     def uses_lean_decode_step(self) -> bool:
-        """Whether decode steps run :class:`~esamp_agents.decoding.fast_decode.LlamaDecodeStep`
-        (a Llama-architecture model, ``ESAMP_FAST_DECODE`` not 0) instead of HF's forward."""
+        """Whether decode steps run :class:`~esamp_agents.decoding.fast_decode.LlamaDecodeStep`, not HF's forward."""
         return self._decode_step is not None
 
     @property

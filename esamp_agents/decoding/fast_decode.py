@@ -105,7 +105,7 @@ def unsupported_reason(model: nn.Module) -> str | None:
 
 
 class LlamaDecodeStep:
-    """One decode step (one token per row) of a Llama-architecture model, HF's result in fewer ops.
+    """One decode step (one token per row) of a Llama-architecture model: HF's result, without its module stack.
 
     Returns what the engine's forward returns: the cache (updated in place, its
     ``cumulative_length`` advanced as HF's would be) and every layer's hidden states, index 0 the

@@ -145,3 +145,11 @@ def test_the_environment_switch(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ESAMP_FAST_DECODE", "yes")
     with pytest.raises(ValueError, match=r"ESAMP_FAST_DECODE='yes'.*1 .*or 0"):
         fast_decode.for_model(model)
+
+
+def test_a_bad_switch_fails_before_any_model_loads(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    from esamp_agents.decoding import loading
+
+    monkeypatch.setenv("ESAMP_FAST_DECODE", "2")
+    with pytest.raises(ValueError, match=r"ESAMP_FAST_DECODE='2'"):
+        loading._load_fresh(str(tmp_path / "no-model-here"), "cpu", "float32")
