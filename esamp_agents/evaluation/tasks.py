@@ -71,6 +71,35 @@ _ARITH_TEMPLATES: dict[str, tuple[str, ...]] = {
     ),
 }
 
+# The same single-digit + and * facts in other words (the ``single_digit_rephrased`` task): more
+# training problems for a fact without touching the phrasings the single_digit test set uses.
+_ARITH_REPHRASED: dict[str, tuple[str, ...]] = {
+    "+": (
+        "Add {a} and {b}.",
+        "What is {a} plus {b}?",
+        "Find {a} + {b}.",
+        "How much is {a} plus {b}?",
+        "Work out {a} + {b}.",
+        "{a} + {b} = ?",
+        "What number do you get if you add {b} to {a}?",
+        "Evaluate the expression {a} + {b}.",
+        "What is the total of {a} and {b}?",
+        "Solve: {a} + {b}",
+    ),
+    "*": (
+        "Multiply {a} by {b}.",
+        "What is {a} times {b}?",
+        "Find {a} * {b}.",
+        "How much is {a} times {b}?",
+        "Work out {a} * {b}.",
+        "{a} * {b} = ?",
+        "What is {a} multiplied by {b}?",
+        "Evaluate the expression {a} * {b}.",
+        "What do you get if you take {a} groups of {b}?",
+        "Solve: {a} * {b}",
+    ),
+}
+
 # Word-problem families: (templates, answer from the numbers). Numbers are 2..9 so every noun is plural.
 _WORD_FAMILIES: dict[str, tuple[tuple[str, ...], Callable[[int, int], int]]] = {
     "buy_more": (
@@ -170,6 +199,7 @@ TASK_NAMES: tuple[str, ...] = (
     "single_digit_add",
     "single_digit_mul",
     "single_digit_sub",
+    "single_digit_rephrased",
     "two_digit_addsub",
     "word_problems",
     "unit_conversions",
@@ -186,7 +216,9 @@ class _Item:
     b: int
 
 
-def _arith_items(ops: str, low: int, high: int) -> list[_Item]:
+def _arith_items(
+    ops: str, low: int, high: int, templates: dict[str, tuple[str, ...]] = _ARITH_TEMPLATES
+) -> list[_Item]:
     items = []
     for op in ops:
         for a in range(low, high + 1):
@@ -194,7 +226,7 @@ def _arith_items(ops: str, low: int, high: int) -> list[_Item]:
                 if op == "-" and a < b:
                     continue
                 answer = a + b if op == "+" else a - b if op == "-" else a * b
-                items.append(_Item(f"{a}{op}{b}", answer, _ARITH_TEMPLATES[op], a, b))
+                items.append(_Item(f"{a}{op}{b}", answer, templates[op], a, b))
     return items
 
 
@@ -241,6 +273,8 @@ def _task_items(task: str) -> list[_Item]:
         return _arith_items("*", 1, 9)
     if task == "single_digit_sub":
         return _arith_items("-", 1, 9)
+    if task == "single_digit_rephrased":
+        return _arith_items("+*", 1, 9, _ARITH_REPHRASED)
     if task == "two_digit_addsub":
         return _arith_items("+-", 10, 99)
     if task == "word_problems":

@@ -98,6 +98,7 @@ def test_generated_answers_are_right_and_in_range(task):
         "single_digit_add": {"+"},
         "single_digit_mul": {"*"},
         "single_digit_sub": {"-"},
+        "single_digit_rephrased": {"+", "*"},
         "two_digit_addsub": {"+", "-"},
         "word_problems": None,
         "unit_conversions": None,
@@ -113,6 +114,16 @@ def test_single_digit_has_every_fact_under_several_phrasings():
     assert len(problems) == len(keys) * 5
     assert len({p.question for p in problems}) == len(problems)
     assert {p.question for p in problems if p.key == "7*5"} >= {"What is 7 * 5?", "Calculate 7 times 5."}
+
+
+def test_rephrased_single_digit_has_the_same_facts_in_other_words():
+    """More training problems per fact; the single_digit phrasings (its test set's) never recur."""
+    plain, rephrased = _all("single_digit"), _all("single_digit_rephrased")
+    assert {p.key for p in rephrased} == {p.key for p in plain}
+    assert len(rephrased) == 162 * 10
+    assert not {p.question for p in rephrased} & {p.question for p in plain}
+    assert {p.key for p in _all("single_digit_rephrased", "test")} == {p.key for p in _all("single_digit", "test")}
+    assert {p.question for p in rephrased if p.key == "7*5"} >= {"Multiply 7 by 5.", "7 * 5 = ?"}
 
 
 def test_generation_is_deterministic_and_seeded():
