@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.head_study_analysis import Candidates, fmt, fmt_diff, groups_of, mean_logprob
+from benchmarks.head_study_analysis import Candidates, fmt, fmt_diff, groups_of, mean_logprob, read_features
 from benchmarks.logprob_reward import paired
 from esamp_agents.atomic import atomic_write_json
 from esamp_agents.evaluation.report import machine_info
@@ -51,20 +51,9 @@ def in_validation(record: dict[str, Any]) -> bool:
 
 
 def read_all(folder: Path) -> tuple[list[dict[str, Any]], list[torch.Tensor]]:
-    """Records and token features (float16, exactly the stored columns) of one collect folder."""
-    from safetensors import safe_open
-
+    """Records and token features (float16, every stored column) of one collect folder."""
     records = read_records(folder)
-    feats: list[torch.Tensor | None] = [None] * len(records)
-    by_shard: dict[str, list[int]] = {}
-    for i, r in enumerate(records):
-        by_shard.setdefault(r["shard"], []).append(i)
-    for shard, idx in by_shard.items():
-        with safe_open(str(folder / shard), framework="pt", device="cpu") as f:
-            part = f.get_tensor("features")
-        for i in idx:
-            feats[i] = part[records[i]["offset"] : records[i]["offset"] + records[i]["length"]]
-    return records, [f for f in feats if f is not None]
+    return records, read_features(folder, records)
 
 
 def scores_of(head: GatedLinearHead, feats: list[torch.Tensor]) -> list[float]:

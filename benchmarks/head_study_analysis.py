@@ -60,24 +60,31 @@ class Candidates:
 
 def read_set(folder: Path, family: str, condition: str) -> Candidates:
     """Records and the cached columns of ``folder``, one shard at a time."""
-    from safetensors import safe_open
-
-    manifest = read_manifest(folder)
-    spec = FeatureSpec.from_dict(manifest["spec"])
+    spec = FeatureSpec.from_dict(read_manifest(folder)["spec"])
     d = spec.hidden_size
     positions = {layer: i for i, layer in enumerate(spec.layers)}
     cols = torch.cat([torch.arange(positions[layer] * d, (positions[layer] + 1) * d) for layer in CACHED_LAYERS])
     records = read_records(folder)
+    feats = read_features(folder, records, cols)
+    return Candidates(records, feats, [family] * len(records), [condition] * len(records))
+
+
+def read_features(folder: Path, records: list[dict[str, Any]], cols: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Each record's token features (float16 views; ``cols``: only those columns), one shard at a time."""
+    from safetensors import safe_open
+
     feats: list[torch.Tensor | None] = [None] * len(records)
     by_shard: dict[str, list[int]] = {}
     for i, r in enumerate(records):
         by_shard.setdefault(r["shard"], []).append(i)
     for shard, idx in by_shard.items():
         with safe_open(str(folder / shard), framework="pt", device="cpu") as f:
-            part = f.get_tensor("features").index_select(1, cols)
+            part = f.get_tensor("features")
+        if cols is not None:
+            part = part.index_select(1, cols)
         for i in idx:
             feats[i] = part[records[i]["offset"] : records[i]["offset"] + records[i]["length"]]
-    return Candidates(records, [f for f in feats if f is not None], [family] * len(records), [condition] * len(records))
+    return [f for f in feats if f is not None]
 
 
 def in_validation(record: dict[str, Any]) -> bool:
