@@ -261,7 +261,7 @@ def peak_rss_mb(mode: str, shape: str, args: argparse.Namespace) -> dict[str, fl
     peaks far above decoding), so a thread samples the current RSS every 5 ms instead.
     """
     code = (
-        "import sys,threading,time; sys.argv=['x'];"
+        "import os,sys,threading,time; sys.argv=['x'];"
         "from benchmarks.throughput import *;"
         "rss=lambda: int(open('/proc/self/statm').read().split()[1])*os.sysconf('SC_PAGE_SIZE')/2**20;"
         f"e=ESampEngine(load_model('embedded', device='cpu'));p,n=parse_shape({shape!r});"
@@ -276,7 +276,9 @@ def peak_rss_mb(mode: str, shape: str, args: argparse.Namespace) -> dict[str, fl
         "done.set();t.join();print(base, peak[-1])"
     )
     root = Path(__file__).resolve().parent.parent
-    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"the {mode} memory run at {shape} failed (rc {out.returncode}):\n{out.stderr[-2000:]}")
     base, peak = (float(x) for x in out.stdout.strip().splitlines()[-1].split())
     return {"before_mb": base, "peak_mb": peak, "growth_mb": peak - base}
 
@@ -306,13 +308,6 @@ def main() -> None:
     for p, n in args.shapes:
         print(f"shape {p}x{n}", flush=True)
         rows.append(bench_shape(engine, p, n, args))
-    memory = {}
-    if args.memory:
-        shape = "x".join(map(str, args.shapes[-1]))
-        memory = {mode: peak_rss_mb(mode, shape, args) for mode in ("off", "on")}
-        memory["esamp_extra_mb"] = memory["on"]["peak_mb"] - memory["off"]["peak_mb"]
-        memory["esamp_extra_growth_mb"] = memory["on"]["growth_mb"] - memory["off"]["growth_mb"]
-        memory["shape"] = shape
     result = {
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "date": dt.datetime.now().isoformat(timespec="seconds"),
@@ -320,9 +315,17 @@ def main() -> None:
         "cpu_matmul": cpu_matmul_rule(),
         "settings": {k: v for k, v in vars(args).items() if k not in ("out", "shapes")},
         "rows": rows,
-        "peak_rss_mb": memory,
+        "peak_rss_mb": {},
     }
-    atomic_write_json(args.out, result)
+    atomic_write_json(args.out, result)  # the timed rows first: a failed memory run must not lose them
+    if args.memory:
+        shape = "x".join(map(str, args.shapes[-1]))
+        memory: dict[str, Any] = {mode: peak_rss_mb(mode, shape, args) for mode in ("off", "on")}
+        memory["esamp_extra_mb"] = memory["on"]["peak_mb"] - memory["off"]["peak_mb"]
+        memory["esamp_extra_growth_mb"] = memory["on"]["growth_mb"] - memory["off"]["growth_mb"]
+        memory["shape"] = shape
+        result["peak_rss_mb"] = memory
+        atomic_write_json(args.out, result)
     others = [m for m in args.modes if m != "off" and m not in HF_MODES]
     print("\n| shape | off tok/s | " + " | ".join(f"{m} tok/s | {m}/off (paired median [min-max]) | {m} Distiller share"
                                          for m in others) + " | off/HF |")  # fmt: skip
@@ -336,7 +339,7 @@ def main() -> None:
                       f"{m[mode]['median_distiller_share']:.3f}"]  # fmt: skip
         cells.append(f"{r['ratio_off_hf']:.3f}" if "ratio_off_hf" in r else "-")
         print("| " + " | ".join(cells) + " |")
-    if memory:
+    if memory := result["peak_rss_mb"]:
         off, on = memory["off"], memory["on"]
         print(f"\nRSS during generation at {memory['shape']}: "
               f"off {off['before_mb']:.0f} -> peak {off['peak_mb']:.0f} MB, "
